@@ -1,0 +1,1 @@
+from sspo_jax.version import __version__

@@ -1,0 +1,17 @@
+"""Test-wide setup.
+
+Every test process sees 8 fake CPU devices, so sharding tests can run in the same pytest process
+as the rest. The flag must be set before JAX is imported anywhere, which is why it lives here.
+Unsharded computations still run on device 0 only.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Keep torch (the reference) from fighting JAX for the two CPU cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
