@@ -1,0 +1,129 @@
+"""Training-state checkpoints on orbax, so a run resumes exactly where it stopped.
+
+One checkpoint holds two items:
+- `state`: a pytree of arrays (parameters, optimizer state, step, RNG key data, ...), saved with
+  orbax's standard handler, which writes sharded arrays from every process together;
+- `meta`: a JSON dict (the data iterator's state, counters, anything small and not an array).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+mid-save (kill -9, preemption) leaves the previous checkpoint as the latest one: the training
+state is never lost, at worst the steps since the last save are redone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves every `save_every` steps (and on demand), keeps the newest `keep` checkpoints."""
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
+                 async_save: bool = True):
+        if save_every < 1:
+            raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
+        if keep < 1:
+            raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = save_every
+        # The interval is applied in save() (orbax would also save whatever step comes first).
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
+        """Saves if `step` is a multiple of `save_every` (or `force`); returns whether it saved.
+
+        With async saving the arrays are copied off the device before this returns and written in
+        the background; `wait()` blocks until the write is complete.
+        """
+        if not force and step % self.save_every:
+            return False
+        if step in self.all_steps():
+            return False  # already saved (e.g. the final step was also on the interval)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta or {}))
+        return self._manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores (state, meta) at `step` (default: the latest).
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with `.sharding` where the arrays
+        should land sharded) or of concrete arrays whose shapes, dtypes and shardings are used.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
+        abstract = jax.tree.map(_as_abstract, abstract_state)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                          meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"] or {})
+
+    def wait(self) -> None:
+        """Blocks until any background save has finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _as_abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (how a TPU VM announces preemption) into a flag the training loop polls.
+
+    The loop checks `requested()` at step boundaries, saves a checkpoint and exits cleanly, so the
+    signal never interrupts a step half-way. With several JAX processes the flag is agreed on by
+    all of them (any process signalled means all stop at the same step).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self._event = threading.Event()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        self._event.set()
+
+    def requested(self) -> bool:
+        local = self._event.is_set()
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        import numpy as np
+        flags = multihost_utils.process_allgather(np.array([local], dtype=np.int32))
+        return bool(np.asarray(flags).any())
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

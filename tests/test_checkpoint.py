@@ -1,0 +1,105 @@
+"""Checkpoints restore exactly: arrays bit for bit, shardings as asked, JSON meta as saved."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sspo_jax.checkpoint import Checkpointer, PreemptionWatcher
+
+
+def _state(seed):
+    k = jax.random.key(seed)
+    k1, k2 = jax.random.split(k)
+    return {
+        "params": {"w": jax.random.normal(k1, (8, 4)), "b": jnp.arange(4, dtype=jnp.bfloat16)},
+        "opt": {"mu": jax.random.normal(k2, (8, 4)), "count": jnp.array(7, jnp.int32)},
+        "rng": jax.random.key_data(k),
+        "step": jnp.array(seed, jnp.int32),
+    }
+
+
+def _assert_same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_restore_round_trip_and_keep_last(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=2, keep=2)
+    saved = {}
+    for step in range(1, 8):
+        state = _state(step)
+        if ckpt.save(step, state, meta={"data": {"epoch": 0, "index": step * 3}}):
+            saved[step] = state
+    ckpt.wait()
+    assert sorted(saved) == [2, 4, 6]
+    assert ckpt.all_steps() == [4, 6]  # keep=2 deleted step 2
+    assert ckpt.latest_step() == 6
+    restored, meta = ckpt.restore(_state(0))
+    _assert_same(restored, saved[6])
+    assert meta == {"data": {"epoch": 0, "index": 18}}
+    restored4, meta4 = ckpt.restore(_state(0), step=4)
+    _assert_same(restored4, saved[4])
+    assert meta4["data"]["index"] == 12
+    ckpt.close()
+
+
+def test_force_save_off_interval_and_reopen(tmp_path):
+    ckpt = Checkpointer(tmp_path, save_every=100, keep=3)
+    assert not ckpt.save(5, _state(5))
+    assert ckpt.save(5, _state(5), meta={"why": "preempted"}, force=True)
+    ckpt.close()
+    # A new process (here: a new manager on the same directory) sees the checkpoint.
+    again = Checkpointer(tmp_path, save_every=100)
+    assert again.latest_step() == 5
+    state, meta = again.restore(_state(0))
+    _assert_same(state, _state(5))
+    assert meta == {"why": "preempted"}
+    again.close()
+
+
+def test_restore_into_sharding(tmp_path):
+    devices = np.array(jax.devices()[:8]).reshape(2, 4)
+    mesh = Mesh(devices, ("fsdp", "tensor"))
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    state = _state(3)
+    ckpt.save(1, state)
+    ckpt.wait()
+    target = NamedSharding(mesh, P("fsdp", "tensor"))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    abstract["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=target)
+    restored, _ = ckpt.restore(abstract)
+    assert restored["params"]["w"].sharding.is_equivalent_to(target, 2)
+    _assert_same(restored, state)
+    ckpt.close()
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="save_every"):
+        Checkpointer(tmp_path, save_every=0)
+    with pytest.raises(ValueError, match="keep"):
+        Checkpointer(tmp_path, save_every=1, keep=0)
+    ckpt = Checkpointer(tmp_path / "empty", save_every=1)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
+        ckpt.restore(_state(0))
+    ckpt.save(1, _state(1))
+    ckpt.wait()
+    with pytest.raises(FileNotFoundError, match="step 9"):
+        ckpt.restore(_state(0), step=9)
+    ckpt.close()
+
+
+def test_sigterm_sets_the_flag_instead_of_killing():
+    watcher = PreemptionWatcher()
+    try:
+        assert not watcher.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.requested()
+    finally:
+        watcher.restore_handlers()
