@@ -1,0 +1,36 @@
+"""The KV cache for incremental decoding (contract in docs/design.md)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# Logical axes of the cache arrays, for sharding (see sspo_jax.sharding.LOGICAL_RULES).
+KV_AXES = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
+MASK_AXES = ("batch", "kv_seq")
+
+
+@struct.dataclass
+class KVCache:
+    """k, v: [L, B, S, Hkv, Dh]; mask: [B, S] bool (slot holds a real token);
+    index: int32[] (next slot to write, shared by all rows since rows are left padded)."""
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> KVCache:
+    """An empty cache: zeros, nothing masked in, index 0."""
+    shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_len), jnp.bool_),
+        index=jnp.zeros((), jnp.int32),
+    )

@@ -1,0 +1,92 @@
+"""The Qwen2 decoder math as pure functions over arrays (the module in qwen2.py holds the state).
+
+Dtype policy: matmuls run in the compute dtype; norms, rotary, softmax in float32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from sspo_jax.sharding import constrain
+
+# Finite, so a query row with no visible key (a left-pad position) softmaxes to uniform, not NaN.
+MASK_VALUE = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, 1, head_dim/2] float32 (broadcast over heads)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, N, D] (halves convention of HF `rotate_half`), in float32."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Grouped-query attention without copying k/v per query head.
+
+    q: [B, T, Nq, D]; k, v: [B, S, Hkv, D]; visible: [B, T, S] bool. Returns [B, T, Nq, D].
+    Query head n uses kv head n // (Nq // Hkv), as in HF's repeat_kv.
+    """
+    b, t, nq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, nq // hkv, d)  # [B, T, Hkv, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, t, nq, d)
+
+
+def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
+                  visible: jax.Array, kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+                  *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float, dtype: Any,
+                  mesh: Mesh | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis).
+
+    Without a cache (kv None) the keys are this call's T tokens. With a cache, kv = (k, v) each
+    [B, S, Hkv, D]: the T new keys are written at slots [index, index + T) and the updated pair
+    is returned.
+    """
+    b, t, _ = x.shape
+    w = {name: a.astype(dtype) for name, a in p.items()}
+
+    h = rms_norm(x, p["input_norm"], eps)
+    q = h @ w["q_w"] + w["q_b"]
+    k = h @ w["k_w"] + w["k_b"]
+    val = h @ w["v_w"] + w["v_b"]
+    q = constrain(q, ("batch", "seq", "heads"), mesh).reshape(b, t, num_heads, head_dim)
+    k = constrain(k, ("batch", "seq", "kv_heads"), mesh).reshape(b, t, num_kv_heads, head_dim)
+    val = val.reshape(b, t, num_kv_heads, head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    new_kv = None
+    if kv is not None:
+        k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(kv[1], val.astype(kv[1].dtype), (0, index, 0, 0))
+        new_kv = (k_cache, v_cache)
+        k, val = k_cache.astype(dtype), v_cache.astype(dtype)
+
+    attn = attention(q, k, val, visible).reshape(b, t, num_heads * head_dim)
+    x = x + constrain(attn @ w["o_w"], ("batch", "seq", "act_embed"), mesh)
+
+    h = rms_norm(x, p["post_norm"], eps)
+    gate = constrain(h @ w["gate_w"], ("batch", "seq", "mlp"), mesh)
+    up = h @ w["up_w"]
+    x = x + constrain((jax.nn.silu(gate) * up) @ w["down_w"], ("batch", "seq", "act_embed"), mesh)
+    return x, new_kv

@@ -1,0 +1,165 @@
+"""Qwen2 / Qwen2.5 causal LM in Flax NNX, layers stacked on a leading axis and run by lax.scan.
+
+Parameters keep HF's tensors, transposed to [in, out] (x @ W) and stacked over layers, so loading
+and saving are a transpose; heads stay flattened in the parameters ([H, Nq*D]) and are split in
+the activations.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from sspo_jax.model import cache as kv_cache
+from sspo_jax.model.config import Qwen2Config
+from sspo_jax.model.layers import decoder_layer, rms_norm, rope_cos_sin
+from sspo_jax.sharding import constrain, named_sharding
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_param_specs(cfg: Qwen2Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """name -> (shape, logical axes) of ONE decoder layer's parameters, [in, out] layout."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {
+        "input_norm": ((h,), ("norm",)),
+        "q_w": ((h, q), ("embed", "heads")),
+        "q_b": ((q,), ("heads",)),
+        "k_w": ((h, kv), ("embed", "kv_heads")),
+        "k_b": ((kv,), ("kv_heads",)),
+        "v_w": ((h, kv), ("embed", "kv_heads")),
+        "v_b": ((kv,), ("kv_heads",)),
+        "o_w": ((q, h), ("heads", "embed")),
+        "post_norm": ((h,), ("norm",)),
+        "gate_w": ((h, i), ("embed", "mlp")),
+        "up_w": ((h, i), ("embed", "mlp")),
+        "down_w": ((i, h), ("mlp", "embed")),
+    }
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    # Logical names in flax's `out_sharding` metadata; placement is sspo_jax.sharding's job,
+    # so no eager sharding at creation.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class DecoderStack(nnx.Module):
+    """All decoder layers' parameters, each with a leading [L] axis."""
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs, param_dtype: Any):
+        normal = nnx.initializers.normal(0.02)
+        self.names = tuple(layer_param_specs(cfg))
+        for name, (shape, axes) in layer_param_specs(cfg).items():
+            full = (cfg.num_hidden_layers, *shape)
+            if name.endswith("norm"):
+                value = jnp.ones(full, param_dtype)
+            elif name.endswith("_b"):
+                value = jnp.zeros(full, param_dtype)
+            else:
+                value = normal(rngs.params(), full, param_dtype)
+            setattr(self, name, _param(value, ("layers", *axes)))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """name -> [L, ...] array."""
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """Qwen2 decoder + LM head. See docs/design.md (Model) for the calling contract."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, remat: str = "none", mesh: Mesh | None = None):
+        """dtype: compute dtype; remat: one of REMAT_POLICIES (per-layer jax.checkpoint policy);
+        mesh: where activations are constrained (None: the context mesh, if any)."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        cfg = config
+        self.config = cfg
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.remat = remat
+        self.mesh = mesh
+        normal = nnx.initializers.normal(0.02)
+        self.embed = _param(normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
+                            ("vocab", "embed"))
+        self.layers = DecoderStack(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.final_norm = _param(jnp.ones((cfg.hidden_size,), param_dtype), ("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
+                                  ("embed", "vocab"))
+
+    def lm_head_weight(self) -> jax.Array:
+        """[H, V] in the compute dtype: the embedding transposed when tied."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T.astype(self.dtype)
+        return self.lm_head[...].astype(self.dtype)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> kv_cache.KVCache:
+        """An empty KVCache (dtype default: the compute dtype), placed on the model's mesh if any."""
+        cfg = self.config
+        cache = kv_cache.init_cache(cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads,
+                                    cfg.head_dim, dtype or self.dtype)
+        if self.mesh is None:
+            return cache
+        put = lambda a, axes: jax.device_put(a, named_sharding(self.mesh, axes, a.shape))
+        return cache.replace(k=put(cache.k, kv_cache.KV_AXES), v=put(cache.v, kv_cache.KV_AXES),
+                             mask=put(cache.mask, kv_cache.MASK_AXES))
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      cache: kv_cache.KVCache | None = None):
+        """[B, T, H] after the final norm (in the compute dtype); with a cache, (hidden, cache)."""
+        cfg = self.config
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+        real_before = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1  # [B, T]
+        if cache is None:
+            positions = jnp.maximum(real_before, 0)
+            key_mask, q_slot, k_slot, index, kv = mask, jnp.arange(t), jnp.arange(t), None, None
+        else:
+            if t > cache.max_len:
+                raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache.max_len}")
+            if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
+                raise ValueError(f"KV cache full: index {int(cache.index)} + {t} tokens > max_len {cache.max_len}")
+            positions = jnp.maximum(cache.mask.sum(-1, dtype=jnp.int32)[:, None] + real_before, 0)
+            index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+            q_slot, k_slot, kv = index + jnp.arange(t), jnp.arange(cache.max_len), (cache.k, cache.v)
+        visible = key_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "seq", "act_embed"), self.mesh)
+        layer = functools.partial(
+            decoder_layer, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, mesh=self.mesh)
+
+        def step(x, xs):
+            params, layer_kv = xs
+            return layer(params, x, cos, sin, visible, layer_kv, index)
+
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, new_kv = jax.lax.scan(step, x, (self.layers.stacked(), kv))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if cache is None:
+            return x
+        return x, cache.replace(k=new_kv[0], v=new_kv[1], mask=key_mask, index=cache.index + t)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 cache: kv_cache.KVCache | None = None):
+        """logits [B, T, V] float32; with a cache, (logits, updated cache)."""
+        out = self.hidden_states(input_ids, attention_mask, cache)
+        hidden, new_cache = (out, None) if cache is None else out
+        logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight(),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"), self.mesh)
+        return logits if cache is None else (logits, new_cache)
