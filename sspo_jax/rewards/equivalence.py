@@ -1,0 +1,158 @@
+"""Is an extracted answer equivalent to the gold? And the grading of one response.
+
+Order (the first test that says "equal" wins; all are tried before "wrong"):
+1. exact match of `comparison_key` (normalised, whitespace removed);
+2. numeric: both sides plain numbers (integer, decimal, `a/b`, `\\frac{a}{b}`, optional sign),
+   compared as exact fractions: integers must be equal, otherwise relative tolerance 1e-4;
+3. math-verify: the gold parsed first, then the prediction, both with LaTeX extraction only
+   (never math-verify's plain-expression mode, which would hand model text to sympy's
+   `parse_expr`, an `eval`); `verify(gold, pred)` handles sets, intervals, tuples, matrices,
+   equations and symbolic equality.
+
+No timeouts here: math-verify is called with its own signal timeouts disabled, and the caller
+(the pool worker, or the in-process grader) bounds the whole item instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import re
+from fractions import Fraction
+
+from sspo_jax.rewards.extract import extract_answer, last_boxed_content
+from sspo_jax.rewards.normalize import comparison_key, normalize_answer
+
+REASONS = ("correct", "wrong", "no_answer", "timeout", "error")
+# Relative tolerance of the numeric test (when at least one side is not an integer).
+NUMERIC_REL_TOL = Fraction(1, 10_000)
+# Longer answers are compared exactly only: they are never a short math answer, and this bounds
+# the cost of normalisation and of sympy.
+MAX_ANSWER_CHARS = 2_000
+# Digits allowed in each part of a number in the numeric test (keeps Fraction arithmetic cheap).
+_MAX_DIGITS = 60
+_DEC = r"\d{1,%d}(?:\.\d{1,%d})?|\.\d{1,%d}" % (_MAX_DIGITS, _MAX_DIGITS, _MAX_DIGITS)
+_PLAIN_NUMBER = re.compile(r"(?P<sign>[-+]?)(?P<num>%s)" % _DEC)
+_FRACTION = re.compile(r"(?P<sign>[-+]?)\\frac\{(?P<nsign>-?)(?P<num>%s)\}\{(?P<den>%s)\}" % (_DEC, _DEC))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradeResult:
+    """Outcome of grading one response: `score` 1.0/0.0, `reason` in REASONS, `extracted` answer."""
+
+    score: float
+    reason: str
+    extracted: str | None
+
+
+def parse_number(key: str) -> tuple[Fraction, bool] | None:
+    """(value, is_integer) of a plain number written as a comparison key; None otherwise."""
+    m = _PLAIN_NUMBER.fullmatch(key)
+    if m:
+        value = Fraction(m.group("num"))
+        is_int = "." not in m.group("num")
+        return (-value if m.group("sign") == "-" else value), is_int
+    m = _FRACTION.fullmatch(key)
+    if m:
+        den = Fraction(m.group("den"))
+        if den == 0:
+            return None
+        value = Fraction(m.group("num")) / den
+        negative = (m.group("sign") == "-") != (m.group("nsign") == "-")
+        return (-value if negative else value), value.denominator == 1
+    return None
+
+
+def numeric_equal(pred_key: str, gold_key: str) -> bool:
+    """Both keys plain numbers and equal: exactly for two integers, else within NUMERIC_REL_TOL."""
+    a, b = parse_number(pred_key), parse_number(gold_key)
+    if a is None or b is None:
+        return False
+    (x, x_int), (y, y_int) = a, b
+    if x == y:
+        return True
+    if x_int and y_int:
+        return False
+    return abs(x - y) <= NUMERIC_REL_TOL * max(abs(x), abs(y))
+
+
+@functools.lru_cache(maxsize=1)
+def _math_verify():
+    import math_verify  # lazy: sympy is heavy and only the grading processes need it
+
+    # Its "timeout disabled" and per-failure warnings would flood the worker logs.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return math_verify
+
+
+def _mv_parse(latex: str):
+    mv = _math_verify()
+    return mv.parse("\\boxed{" + latex + "}", [mv.LatexExtractionConfig(boxed_match_priority=0)],
+                    parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _mv_parse_gold(gold: str):
+    # The n samples of one prompt share the gold: parse it once per process.
+    return _mv_parse(gold)
+
+
+def math_verify_equal(pred: str, gold: str) -> bool:
+    """math-verify's verdict, gold parsed first; False when either side does not parse."""
+    gold_parsed = _mv_parse_gold(gold)
+    if not gold_parsed:
+        return False
+    pred_parsed = _mv_parse(pred)
+    if not pred_parsed:
+        return False
+    return bool(_math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def answers_equivalent(pred: str, gold: str, use_math_verify: bool = True) -> bool:
+    """Whether the extracted answer `pred` equals the gold answer `gold` (see module docstring)."""
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return pred.strip() == gold.strip()
+    pred_key, gold_key = comparison_key(pred), comparison_key(gold)
+    if pred_key == gold_key and pred_key:
+        return True
+    if numeric_equal(pred_key, gold_key):
+        return True
+    if not use_math_verify:
+        return False
+    if math_verify_equal(pred, gold):
+        return True
+    # Retry on the normalised forms (units, `x =`, word numbers that math-verify keeps), only
+    # when normalisation changed something, so a plain wrong answer costs one verify.
+    pred_norm, gold_norm = normalize_answer(pred), normalize_answer(gold)
+    if (pred_norm, gold_norm) == (pred.strip(), gold.strip()):
+        return False
+    return math_verify_equal(pred_norm, gold_norm)
+
+
+def gold_answer(gold: str) -> str:
+    """The gold answer text: the last `\\boxed{}` content when the gold has one, else the gold."""
+    boxed = last_boxed_content(gold)
+    return (boxed if boxed is not None else gold).strip()
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates and other unencodable code points by `?` (valid UTF-8 afterwards)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def grade_response(response: str, gold: str, use_math_verify: bool = True) -> GradeResult:
+    """Grade one response against its gold: `correct`, `wrong` or `no_answer` (no timeout here)."""
+    extracted = extract_answer(clean_text(response))
+    if extracted is None:
+        return GradeResult(0.0, "no_answer", None)
+    if answers_equivalent(extracted, gold_answer(clean_text(gold)), use_math_verify):
+        return GradeResult(1.0, "correct", extracted)
+    return GradeResult(0.0, "wrong", extracted)
+
+
+def reason_counts(results) -> dict[str, int]:
+    """Count of each reason code (all five keys, zeros included) in a list of GradeResult."""
+    counts = {reason: 0 for reason in REASONS}
+    for r in results:
+        counts[r.reason] += 1
+    return counts

@@ -1,0 +1,165 @@
+"""Final-answer extraction from a model response, in the Qwen2.5-Math style.
+
+Rules, in order (the first that applies decides):
+
+1. The LAST `\\boxed` or `\\fbox` command in the response. `\\boxed{...}` takes the brace-matched
+   group (`\\{` and `\\}` are literal braces, not grouping); `\\boxed 5` (no brace) takes the
+   token after the space, up to whitespace or `$`. If that last box is never closed (the response
+   was truncated inside it), there is no answer: earlier boxes are not consulted, because the
+   model was still changing its final answer when it was cut off.
+2. Otherwise the text after the last "final answer is" / "the answer is" (case-insensitive), up
+   to the end of its line; a `$...$` span there is unwrapped.
+3. Otherwise the last number in the response (`-1,234.5`, `3/4`).
+
+Every step is linear in the response length: `rfind`, one forward scan with a depth counter (no
+recursion, so 10^5 nested braces are fine) and regexes without nested quantifiers.
+"""
+from __future__ import annotations
+
+import re
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_ANSWER_PHRASES = ("final answer is", "the answer is")
+# Thousands-grouped or plain integer, optional decimals, optional /denominator. No nested
+# quantifiers, so matching is linear.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _last_box_start(text: str) -> tuple[int, int]:
+    """(position, command length) of the last `\\boxed`/`\\fbox`; position -1 when none."""
+    best, length = -1, 0
+    for command in _BOX_COMMANDS:
+        pos = text.rfind(command)
+        while pos != -1:
+            # `\boxedfoo` is a different macro; accept `\boxed{`, `\boxed 5`, `\boxed` at the end.
+            after = pos + len(command)
+            if after >= len(text) or not text[after].isalpha():
+                break
+            pos = text.rfind(command, 0, pos)
+        if pos > best:
+            best, length = pos, len(command)
+    return best, length
+
+
+def _skip_spaces(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    return i
+
+
+def match_brace_group(text: str, open_pos: int) -> int:
+    """Index just past the `}` closing the `{` at `open_pos`, or -1 if it is never closed.
+
+    A backslash escapes the next character, so `\\{` and `\\}` do not count. Iterative, O(n).
+    """
+    depth = 0
+    i, n = open_pos, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def last_boxed_content(text: str) -> str | None:
+    """Content of the last `\\boxed`/`\\fbox` in `text`; None when absent or unclosed."""
+    pos, length = _last_box_start(text)
+    if pos == -1:
+        return None
+    i = _skip_spaces(text, pos + length)
+    n = len(text)
+    if i < n and text[i] == "{":
+        end = match_brace_group(text, i)
+        return None if end == -1 else text[i + 1 : end - 1]
+    # `\boxed 5`: take the token up to whitespace or `$`.
+    start = i
+    while i < n and not text[i].isspace() and text[i] != "$":
+        i += 1
+    return text[start:i] or None
+
+
+def _after_answer_phrase(text: str) -> str | None:
+    """The rest of the line after the last "final answer is" / "the answer is"; None if absent."""
+    lowered = text.lower()
+    pos, phrase_len = -1, 0
+    for phrase in _ANSWER_PHRASES:
+        p = lowered.rfind(phrase)
+        if p > pos:
+            pos, phrase_len = p, len(phrase)
+    if pos == -1:
+        return None
+    rest = text[pos + phrase_len :]
+    newline = rest.find("\n")
+    if newline != -1:
+        rest = rest[:newline]
+    rest = rest.strip().lstrip(":").strip()
+    if rest.startswith("$"):
+        # `$...$` or `$$...$$`: take the inside of the first math span.
+        inner = rest.lstrip("$")
+        close = inner.find("$")
+        rest = inner if close == -1 else inner[:close]
+    rest = rest.strip().rstrip(".").strip()
+    return rest or None
+
+
+def last_number(text: str) -> str | None:
+    """The last number in `text` (thousands commas, decimals and a `/denominator` kept)."""
+    last = None
+    for m in _NUMBER.finditer(text):
+        last = m
+    return None if last is None else last.group(0)
+
+
+def has_box(text: str) -> bool:
+    """Whether `text` contains a `\\boxed`/`\\fbox` command (closed or not)."""
+    return _last_box_start(text)[0] != -1
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response, as raw text (not normalised); None when there is none.
+
+    See the module docstring for the rules. Never raises on a `str`.
+    """
+    if has_box(text):
+        content = last_boxed_content(text)
+        if content is None or not content.strip():
+            return None
+        return content.strip()
+    phrase = _after_answer_phrase(text)
+    if phrase is not None:
+        return phrase
+    return last_number(text)
+
+
+def count_boxes(text: str) -> int:
+    """Number of closed top-level `\\boxed{}`/`\\fbox{}` groups (boxes nested inside one not counted).
+
+    Linear: each command's next position is searched for only after the scan has passed it.
+    """
+    count, i, n = 0, 0, len(text)
+    next_pos = {command: text.find(command) for command in _BOX_COMMANDS}
+    while True:
+        for command in _BOX_COMMANDS:
+            if next_pos[command] != -1 and next_pos[command] < i:
+                next_pos[command] = text.find(command, i)
+        found = [(p, c) for c, p in next_pos.items() if p != -1]
+        if not found:
+            return count
+        pos, command = min(found)
+        j = _skip_spaces(text, pos + len(command))
+        if j < n and text[j] == "{":
+            end = match_brace_group(text, j)
+            if end == -1:
+                return count
+            count += 1
+            i = end
+        else:
+            i = pos + len(command)
