@@ -1,0 +1,261 @@
+"""Policy objectives of the GRPO family as pure functions: GRPO, DAPO, Dr. GRPO, GSPO, SSPO.
+
+Formulas: docs/algorithms.md (the project's statement of ../shared/docs/sspo-spec.md). All arrays
+are over response tokens: `[B, T]` with `mask` 1 on response tokens up to and including EOS.
+Metrics live in `loss_metrics.py`; this file holds the arithmetic of the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sspo_jax import loss_metrics
+from sspo_jax.loss_metrics import combine_metrics, finalize_metrics  # noqa: F401  (public API)
+from sspo_jax.segments import DEFAULT_DELIMITERS
+
+LEVELS = ("token", "subsentence", "sequence")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ADAPTIVE_MODES = ("both", "upper")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Every knob of the objective (hashable, so it can be a static jit argument)."""
+    level: str = "token"                  # unit sharing one importance ratio: LEVELS
+    eps_low: float = 0.2                  # clip range [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.2
+    entropy_lambda: float = 0.0           # adaptive clip strength; 0 = fixed bounds
+    scale_min: float = 0.5                # g = clip(1 + lambda (h - 1), scale_min, scale_max)
+    scale_max: float = 2.0
+    adaptive_mode: str = "both"           # "both": scale both bounds; "upper": eps_high only
+    dual_clip: float | None = None        # c > 1: for A < 0, u = max(u, c A); None = off
+    kl_beta: float = 0.0                  # weight of k3 KL to the reference policy
+    aggregation: str = "seq-mean-token-mean"
+    token_sum_norm: float | None = None   # seq-mean-token-sum-norm constant; None = T (padded len)
+    normalize_std: bool = True            # advantages divided by the group std (False: Dr. GRPO)
+    adv_eps: float = 1e-6                 # A = (R - mean) / (std + adv_eps)
+    log_ratio_clamp: float = 20.0         # d = clamp(logp - old_logp, -c, c)
+    # Subsentence splitting (used by the trainer with `segments`):
+    delimiters: tuple[str, ...] = DEFAULT_DELIMITERS
+    decimal_guard: bool = True
+    min_subsentence_tokens: int = 1
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"LossConfig: {msg}")
+        need(self.level in LEVELS, f"level={self.level!r}, choose one of {LEVELS}")
+        need(self.aggregation in AGGREGATIONS,
+             f"aggregation={self.aggregation!r}, choose one of {AGGREGATIONS}")
+        need(self.adaptive_mode in ADAPTIVE_MODES,
+             f"adaptive_mode={self.adaptive_mode!r}, choose one of {ADAPTIVE_MODES}")
+        need(0 <= self.eps_low < 1 and self.eps_high >= 0,
+             f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        need(self.entropy_lambda >= 0, f"entropy_lambda must be >= 0, got {self.entropy_lambda}")
+        need(0 < self.scale_min <= 1 <= self.scale_max,
+             f"need 0 < scale_min <= 1 <= scale_max, got {self.scale_min}, {self.scale_max}")
+        need(self.scale_max * self.eps_low < 1 or self.entropy_lambda == 0,
+             "scale_max * eps_low must stay < 1 so the lower bound 1 - eps stays positive")
+        need(self.dual_clip is None or self.dual_clip > 1,
+             f"dual_clip must be None (off) or > 1 (e.g. 3.0), got {self.dual_clip}")
+        need(self.kl_beta >= 0, f"kl_beta must be >= 0, got {self.kl_beta}")
+        need(self.token_sum_norm is None or self.token_sum_norm > 0,
+             f"token_sum_norm must be None or > 0, got {self.token_sum_norm}")
+        need(self.adv_eps > 0 and self.log_ratio_clamp > 0, "adv_eps and log_ratio_clamp must be > 0")
+        need(self.min_subsentence_tokens >= 1,
+             f"min_subsentence_tokens must be >= 1, got {self.min_subsentence_tokens}")
+        need(isinstance(self.delimiters, tuple) and len(self.delimiters) > 0,
+             "delimiters must be a non-empty tuple of strings")
+
+
+PRESETS: dict[str, LossConfig] = {
+    "grpo": LossConfig(level="token", eps_low=0.2, eps_high=0.2),
+    "dapo": LossConfig(level="token", eps_low=0.2, eps_high=0.28, aggregation="token-mean"),
+    "dr_grpo": LossConfig(level="token", eps_low=0.2, eps_high=0.2,
+                          aggregation="seq-mean-token-sum-norm", normalize_std=False),
+    "gspo": LossConfig(level="sequence", eps_low=3e-4, eps_high=4e-4),
+    # Subsentence eps: GSPO's scaled by sqrt(~500 tokens per response / ~12 per subsentence),
+    # the shrinkage of a mean log-ratio's spread; see docs/algorithms.md. A tuning knob.
+    "sspo": LossConfig(level="subsentence", eps_low=2e-3, eps_high=2.5e-3, entropy_lambda=0.5),
+    "sspo_fixed": LossConfig(level="subsentence", eps_low=2e-3, eps_high=2.5e-3),
+}
+
+
+def preset(name: str, **overrides) -> LossConfig:
+    """The named preset's LossConfig, with any field overridden: preset("sspo", eps_high=3e-3)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown loss preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown LossConfig field(s) {unknown}; fields are {sorted(fields)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def group_advantages(rewards, group_size: int, normalize_std: bool = True, eps: float = 1e-6):
+    """`[B]` advantages (R - group mean) / (group std + eps), or without the std division.
+
+    Rows are group-major (rows g*G .. g*G+G-1 share a prompt). The std is the unbiased one
+    (ddof=1, as TRL and verl). A group whose rewards are all equal gets exactly 0.
+    """
+    rewards = jnp.asarray(rewards)
+    rewards = rewards.astype(jnp.result_type(rewards.dtype, jnp.float32))
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group needs peers), got {group_size}")
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards must be [B] with B a multiple of group_size={group_size}, "
+                         f"got shape {rewards.shape}")
+    r = rewards.reshape(-1, group_size)                                        # [B/G, G]
+    adv = r - r.mean(axis=1, keepdims=True)
+    if normalize_std:
+        adv = adv / (r.std(axis=1, ddof=1, keepdims=True) + eps)
+    flat = (r.max(axis=1) == r.min(axis=1))[:, None]  # rounding must not leak a tiny advantage
+    return jnp.where(flat, 0.0, adv).reshape(-1)
+
+
+def unit_ids(level: str, seg):
+    """`[B, T]` ids of the unit each token shares its ratio with, all below B*T."""
+    B, T = seg.shape
+    if level == "token":
+        return jnp.arange(B * T, dtype=jnp.int32).reshape(B, T)
+    if level == "subsentence":
+        return seg
+    return jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None] * T, (B, T))
+
+
+def segment_mean(x, mask, ids):
+    """Masked mean of x `[B, T]` over each id: `(mean [B*T], count [B*T])`, indexed by id."""
+    n = ids.size  # B*T: a static upper bound on the number of ids
+    w = mask.astype(x.dtype)
+    total = jax.ops.segment_sum((x * w).ravel(), ids.ravel(), num_segments=n)
+    count = jax.ops.segment_sum(w.ravel(), ids.ravel(), num_segments=n)
+    return total / jnp.maximum(count, 1), count
+
+
+def masked_log_ratio(cfg: LossConfig, logp, old_logp, mask):
+    """d = clamp(logp - old_logp, -c, c), zeroed where mask = 0. `[B, T]`."""
+    d = jnp.where(mask, logp - old_logp, 0.0)
+    return jnp.clip(d, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+
+
+def surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg):
+    """Token surrogate log w_t = l_t - sg(l_t) + sg(log S_k(t)): value log S_k, gradient dl_t.
+
+    log S_k is the mean of the clamped d over the unit k (token, subsentence or response): one
+    segment_sum path for all three levels. log S_k is already in [-c, c] (a mean of clamped
+    values), so no second clamp is needed before the exp.
+    """
+    d = jax.lax.stop_gradient(masked_log_ratio(cfg, logp, old_logp, mask))
+    ids = unit_ids(cfg.level, seg)
+    log_s, _ = segment_mean(d, mask, ids)
+    return logp - jax.lax.stop_gradient(logp) + log_s[ids], d
+
+
+def clip_bounds(cfg: LossConfig, mask, seg, entropy):
+    """Per-token clip bounds `(eps_low [B, T], eps_high [B, T])` from a whole rollout batch.
+
+    With entropy_lambda > 0: the subsentence entropy Hbar_k (mean token entropy of the sampling
+    policy) relative to the mean over all valid subsentences of the batch, h_k, gives the scale
+    g_k = clip(1 + lambda (h_k - 1), scale_min, scale_max) of the bounds. Call it once on the
+    whole rollout batch, before splitting it, so the result does not depend on the split.
+    """
+    mask = jnp.asarray(mask).astype(bool)
+    B, T = mask.shape
+    dtype = jnp.result_type(jnp.asarray(entropy).dtype, jnp.float32)
+    lo = jnp.full((B, T), cfg.eps_low, dtype)
+    hi = jnp.full((B, T), cfg.eps_high, dtype)
+    if cfg.entropy_lambda == 0:
+        return lo, hi
+    ent = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(entropy, dtype), 0.0))
+    h_bar, count = segment_mean(ent, mask, seg)                                 # [B*T]
+    valid = count > 0
+    batch_mean = jnp.sum(jnp.where(valid, h_bar, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    rel = jnp.where(batch_mean > 0, h_bar / jnp.where(batch_mean > 0, batch_mean, 1.0), 1.0)
+    g = jnp.clip(1.0 + cfg.entropy_lambda * (rel - 1.0), cfg.scale_min, cfg.scale_max)[seg]
+    hi = hi * g
+    if cfg.adaptive_mode == "both":
+        lo = lo * g
+    return lo, hi
+
+
+def aggregate(cfg: LossConfig, x, mask, num_tokens=None, num_seqs=None):
+    """Scalar aggregate of per-token x `[B, T]` by cfg.aggregation.
+
+    num_tokens / num_seqs: the masked token count / non-empty response count of the whole
+    mini-batch when this call sees one micro-batch of it, so the micro-batch results add up to
+    the mini-batch's. Default: this batch's own counts.
+    """
+    w = mask.astype(x.dtype)
+    if cfg.aggregation == "token-mean":
+        n = jnp.sum(w) if num_tokens is None else num_tokens
+        return jnp.sum(x * w) / jnp.maximum(n, 1)
+    tokens_per_row = jnp.sum(w, axis=1)                                         # [B]
+    if cfg.aggregation == "seq-mean-token-mean":
+        per_row = jnp.sum(x * w, axis=1) / jnp.maximum(tokens_per_row, 1)
+    else:  # seq-mean-token-sum-norm: a constant divisor, the same for every response
+        norm = mask.shape[1] if cfg.token_sum_norm is None else cfg.token_sum_norm
+        per_row = jnp.sum(x * w, axis=1) / norm
+    n = jnp.sum(tokens_per_row > 0) if num_seqs is None else num_seqs
+    return jnp.sum(per_row) / jnp.maximum(n, 1)
+
+
+def _check_shapes(logp, old_logp, adv, mask, seg, lo, hi, ref_logp, entropy):
+    shape = jnp.shape(logp)
+    if len(shape) != 2:
+        raise ValueError(f"logp must be [B, T], got shape {shape}")
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("seg", seg),
+                    ("ref_logp", ref_logp), ("entropy", entropy)):
+        if x is not None and jnp.shape(x) != shape:
+            raise ValueError(f"{name} must have logp's shape {shape}, got {jnp.shape(x)}")
+    for name, x in (("lo", lo), ("hi", hi)):
+        if jnp.shape(x) not in ((), shape):
+            raise ValueError(f"{name} must be a scalar or [B, T] = {shape}, got {jnp.shape(x)}")
+    if jnp.shape(adv) != shape[:1]:
+        raise ValueError(f"adv must be [B] = {shape[:1]}, got {jnp.shape(adv)}")
+
+
+def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tokens=None, *,
+                num_seqs=None, ref_logp=None, entropy=None):
+    """Clipped-surrogate loss and its metrics: `(loss scalar, metrics dict)`.
+
+    logp: `[B, T]` current-policy token log-probs (the only input with a gradient); old_logp:
+    the sampling policy's; adv `[B]`; mask `[B, T]`; seg `[B, T]` from `segments.segment_ids`;
+    lo, hi: clip bounds, scalars or `[B, T]` from `clip_bounds`; num_tokens / num_seqs: whole
+    mini-batch counts for gradient accumulation (see `aggregate`); ref_logp `[B, T]`: the
+    reference policy, required when kl_beta > 0; entropy `[B, T]`: only for the metrics.
+    Metrics are numerator/denominator pairs: merge micro-batches with `combine_metrics`, read
+    them with `finalize_metrics`.
+    """
+    _check_shapes(logp, old_logp, adv, mask, seg, lo, hi, ref_logp, entropy)
+    if cfg.kl_beta > 0 and ref_logp is None:
+        raise ValueError(f"kl_beta={cfg.kl_beta} > 0 needs ref_logp (the reference policy's "
+                         f"token log-probs); pass it or set kl_beta=0")
+    mask = jnp.asarray(mask).astype(bool)
+    logp = jnp.where(mask, logp, 0.0)  # garbage (even inf) on padding must not reach the grad
+    log_w, d = surrogate_log_ratio(cfg, logp, jnp.where(mask, old_logp, 0.0), mask, seg)
+    w = jnp.exp(log_w)                                                          # [B, T]
+    a = jnp.asarray(adv, w.dtype)[:, None]                                      # [B, 1]
+    lo = jnp.broadcast_to(jnp.asarray(lo, w.dtype), w.shape)
+    hi = jnp.broadcast_to(jnp.asarray(hi, w.dtype), w.shape)
+    # min(w A, clip(w) A) written as a choice, so a clipped token has exactly zero gradient.
+    clip_high = mask & (a > 0) & (w > 1 + hi)
+    clip_low = mask & (a < 0) & (w < 1 - lo)
+    u = jnp.where(clip_high, (1 + hi) * a, jnp.where(clip_low, (1 - lo) * a, w * a))
+    dual_hit = jnp.zeros_like(mask)
+    if cfg.dual_clip is not None:
+        dual_hit = mask & (a < 0) & (w > cfg.dual_clip)  # w A < c A: bounded below by c A
+        u = jnp.where(dual_hit, cfg.dual_clip * a, u)
+    pg_loss = -aggregate(cfg, u, mask, num_tokens, num_seqs)
+    loss, kl = pg_loss, None
+    if ref_logp is not None:
+        r = jnp.clip(jnp.where(mask, ref_logp, 0.0) - logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        kl = jnp.exp(r) - r - 1.0                                               # k3 >= 0
+        if cfg.kl_beta > 0:
+            loss = loss + cfg.kl_beta * aggregate(cfg, kl, mask, num_tokens, num_seqs)
+    metrics = loss_metrics.policy_metrics(
+        w=w, d=d, mask=mask, seg=seg, lo=lo, hi=hi, clip_low=clip_low, clip_high=clip_high,
+        dual_hit=dual_hit if cfg.dual_clip is not None else None, entropy=entropy, kl=kl,
+        pg_loss=pg_loss, loss=loss)
+    return loss, metrics
