@@ -1,0 +1,57 @@
+"""The project's small tokenizer: exact round trips, fixed ids, special tokens, HF save/load."""
+import pytest
+from transformers import AutoTokenizer
+
+from sspo_jax.data import synthetic
+from sspo_jax.data import tokenizer as tok
+from sspo_jax.data.templates import render_prompt
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tok.build_tokenizer()
+
+
+def test_synthetic_problems_solutions_and_prompts_round_trip_exactly(tokenizer):
+    rows = synthetic.generate(300, levels=tuple(synthetic.LEVELS), seed=0)
+    rows += synthetic.generate(100, split="test", levels=tuple(synthetic.LEVELS), seed=0)
+    for row in rows:
+        texts = [row["problem"], row["solution"], row["solution"] + "<|im_end|>"]
+        texts += [render_prompt(row["problem"], t, tokenizer) for t in ("qwen25-math-cot", "plain", "chat")]
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids, text
+            assert tokenizer.decode(ids) == text
+
+
+def test_digits_and_delimiters_are_single_tokens(tokenizer):
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("12 + 305 = 317.\nThe answer is \\boxed{317}.")["input_ids"])
+    assert pieces == ["1", "2", " +", " 3", "0", "5", " =", " 3", "1", "7", ".", "\n", "The", " answer",
+                      " is", " \\boxed", "{", "3", "1", "7", "}", "."]
+    for delimiter in (".", ",", "?", ":", "\n"):
+        assert len(tokenizer(delimiter)["input_ids"]) == 1
+
+
+def test_special_tokens_and_fixed_ids(tokenizer):
+    assert tokenizer.convert_tokens_to_ids(list(tok.SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == ("<|im_end|>", "<|pad|>", "<|unk|>")
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.bos_token is None
+    assert tokenizer.padding_side == "left"
+    assert tok.build_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
+    assert len(tokenizer) == len(tok.SPECIAL_TOKENS) + len(tok.vocabulary())
+    assert tokenizer.decode(tokenizer("Tom has 2 pens.<|im_end|>")["input_ids"], skip_special_tokens=True) == "Tom has 2 pens."
+
+
+def test_unknown_words_become_unk(tokenizer):
+    ids = tokenizer("Tom has 3 zebras.")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["Tom", " has", " 3", "<|unk|>", "."]
+
+
+def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = render_prompt("Anna has 4 coins. Anna loses 1. How many coins does Anna have now?", "chat", loaded)
+    assert text == render_prompt("Anna has 4 coins. Anna loses 1. How many coins does Anna have now?", "chat", tokenizer)
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.padding_side) == (2, 3, "left")
