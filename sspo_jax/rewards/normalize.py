@@ -16,7 +16,8 @@ import re
 _UNWRAP = ("text", "textbf", "textit", "textnormal", "mathrm", "mathbf", "mbox", "boxed", "fbox")
 _UNWRAP_RE = re.compile(r"\\(" + "|".join(_UNWRAP) + r")\s*\{")
 
-_SPACING = re.compile(r"\\[!,;:]|\\q?quad\b|\\displaystyle|\\ ")
+# `\\\\` (a row break) is matched first so that its second backslash is never read as `\\ `.
+_SPACING = re.compile(r"\\\\|\\[!,;: ]|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
 _FRACS = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
@@ -107,7 +108,7 @@ def _strip_assignment(s: str) -> str:
 def normalize_answer(s: str) -> str:
     """Cosmetic normalisation of one answer (rules listed in docs/rewards.md); spaces collapsed."""
     s = " ".join(s.split())
-    s = _SPACING.sub(" ", s)
+    s = _SPACING.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else " ", s)
     s = _FRACS.sub(r"\\frac", s)
     s = _LEFT_RIGHT.sub("", s)
     s = _DEGREES.sub("", s)

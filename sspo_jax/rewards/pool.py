@@ -65,6 +65,12 @@ def grade_guarded(response: str, gold: str, timeout: float | None, use_math_veri
         return GradeResult(0.0, "error", f"{type(e).__name__}: {str(e)[:200]}")
 
 
+def warm_up() -> None:
+    """Grade one symbolic item: sympy imports much of itself lazily on first use (~2 s), which
+    would otherwise be charged against the first real item's timeout."""
+    grade_response(r"\boxed{(x+1)^2}", r"x^2+2x+1")
+
+
 def _worker_main(conn, memory_limit_mb: int | None, use_math_verify: bool) -> None:
     """Body of a grading process: receive (index, response, gold, timeout), send (index, result)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -74,9 +80,7 @@ def _worker_main(conn, memory_limit_mb: int | None, use_math_verify: bool) -> No
         limit = memory_limit_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if use_math_verify:
-        from sspo_jax.rewards.equivalence import _math_verify
-
-        _math_verify()  # import sympy before saying ready, so the first item is not charged for it
+        warm_up()
     conn.send(_READY)
     while True:
         try:
@@ -153,6 +157,8 @@ class Grader:
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         for _ in range(processes):
             self._workers.append(self._new_worker())
+        if processes == 0 and use_math_verify:
+            warm_up()
 
     def _new_worker(self) -> _Worker:
         return _Worker(self._ctx, self.memory_limit_mb, self.use_math_verify)
@@ -160,6 +166,43 @@ class Grader:
     def worker_pids(self) -> list[int]:
         """Process ids of the current grading processes (empty in in-process mode)."""
         return [w.process.pid for w in self._workers]
+
+    def wait_until_ready(self, timeout: float = 120.0) -> None:
+        """Block until every grading process has started (imported sympy); TimeoutError after `timeout` s.
+
+        Optional: `grade` waits for workers by itself. Call it after creating a Grader so the first
+        training step is not charged for the start-up, or in tests before timing a batch.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not all(w.ready for w in self._workers):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"grading processes not ready after {timeout} s")
+                waiting = [w for w in self._workers if not w.ready]
+                ready = set(multiprocessing.connection.wait(
+                    [w.conn for w in waiting] + [w.process.sentinel for w in waiting], timeout=left))
+                for w in waiting:
+                    if w.conn in ready or w.process.sentinel in ready:
+                        self._receive_ready(w)
+
+    def _receive_ready(self, w: _Worker) -> None:
+        """Read a starting worker's READY, or replace it if it died while starting."""
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            self._count_failed_start(w)
+            self._replace(w)
+            return
+        if msg == _READY:
+            w.ready = True
+            self._failed_starts = 0
+
+    def _count_failed_start(self, w: _Worker) -> None:
+        self._failed_starts += 1
+        if self._failed_starts >= _MAX_FAILED_STARTS:
+            raise RuntimeError(f"grading processes keep dying before they start (exit code "
+                               f"{w.process.exitcode}): check that math-verify imports")
 
     def close(self) -> None:
         """Stop the grading processes. Idempotent; `grade` afterwards raises."""
@@ -206,22 +249,17 @@ class Grader:
                 self._run(todo, texts, golds, timeout, results)
             return results
 
-    def _replace(self, w: _Worker, kill: bool = True) -> _Worker:
-        w.stop(kill=kill)
-        fresh = self._new_worker()
-        self._workers[self._workers.index(w)] = fresh
-        return fresh
+    def _replace(self, w: _Worker) -> None:
+        """Kill `w` (if still alive) and start a fresh worker in its slot."""
+        w.stop(kill=True)
+        self._workers[self._workers.index(w)] = self._new_worker()
 
     def _run(self, todo, texts, golds, timeout, results) -> None:
         queue = collections.deque(todo)
         attempts = collections.Counter()
 
         def worker_died(w: _Worker) -> None:
-            if not w.ready:
-                self._failed_starts += 1
-                if self._failed_starts >= _MAX_FAILED_STARTS:
-                    raise RuntimeError(f"grading processes keep dying before they start (exit code "
-                                       f"{w.process.exitcode}): check that math-verify imports")
+            # A started worker died (killed from outside, out of memory): retry its item once.
             if w.task is not None:
                 attempts[w.task] += 1
                 if attempts[w.task] >= 2:
@@ -246,20 +284,18 @@ class Grader:
             waitables = [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers]
             ready = set(multiprocessing.connection.wait(waitables, timeout=wait_s))
             for w in list(self._workers):
-                if w.conn in ready:
+                if not w.ready and (w.conn in ready or w.process.sentinel in ready):
+                    self._receive_ready(w)
+                elif w.conn in ready:
                     try:
                         msg = w.conn.recv()
                     except (EOFError, OSError):
                         worker_died(w)
                         continue
-                    if msg == _READY:
-                        w.ready = True
-                        self._failed_starts = 0
-                    else:
-                        index, result = msg
-                        if index == w.task:
-                            results[index] = result
-                            w.task = None
+                    index, result = msg
+                    if index == w.task:
+                        results[index] = result
+                        w.task = None
                 elif w.process.sentinel in ready:
                     worker_died(w)
             now = time.monotonic()

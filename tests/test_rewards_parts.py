@@ -1,0 +1,136 @@
+"""Unit tests of extraction, normalisation, numeric equivalence and the shaping terms (no pool)."""
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from sspo_jax.rewards import (
+    GradeResult,
+    answers_equivalent,
+    combine_rewards,
+    comparison_key,
+    extract_answer,
+    format_reward,
+    last_boxed_content,
+    normalize_answer,
+    overlong_penalty,
+    reason_counts,
+)
+from sspo_jax.rewards.equivalence import clean_text, gold_answer, numeric_equal, parse_number
+from sspo_jax.rewards.extract import count_boxes, has_box, last_number, match_brace_group
+from sspo_jax.rewards.normalize import unwrap_commands, word_to_number
+
+
+def test_brace_matching_skips_escaped_braces():
+    s = r"{a\{b\}{c}}d"
+    assert match_brace_group(s, 0) == len(s) - 1
+    assert match_brace_group("{{}", 0) == -1
+    assert last_boxed_content(r"\boxed{\{1,2\}} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed_content(r"\boxed {8}") == "8"
+    assert last_boxed_content(r"\boxed 5$ and more") == "5"
+    assert last_boxed_content(r"\boxedfoo{3}") is None  # another macro, not a box
+    assert not has_box(r"\boxedfoo{3}") and has_box(r"\fbox{")
+
+
+def test_extraction_is_iterative_on_deep_and_huge_inputs():
+    depth = 10**5
+    nested = r"\boxed{" + "{" * depth + "7" + "}" * depth + "}"
+    assert extract_answer(nested) == "{" * depth + "7" + "}" * depth  # no RecursionError
+    assert extract_answer(r"\boxed{" + "{" * depth) is None  # unclosed: no answer
+    big = "word " * 200_000 + r"\boxed{3}"  # 1 MB
+    assert extract_answer(big) == "3"
+    assert last_number("1" * 10**6) == "1" * 10**6
+    assert count_boxes(r"\boxed{1}" * 10_000) == 10_000
+
+
+def test_fallbacks_and_count_boxes():
+    assert extract_answer("The answer is $\\frac{1}{2}$. I hope it is correct.") == r"\frac{1}{2}"
+    assert extract_answer("final answer is 3\nthe end 9") == "3"
+    assert extract_answer("no digits here") is None
+    assert last_number("a -1,234.5 b 2") == "2" and last_number("x = -1,234.5") == "-1,234.5"
+    assert count_boxes(r"\boxed{\boxed{1}} and \fbox{2} and \boxed{") == 2
+    assert count_boxes("none") == 0
+
+
+@pytest.mark.parametrize("raw,key", [
+    (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+    (r"\left( 1, 2 \right)", "(1,2)"),
+    (r"30^{\circ}", "30"), (r"30^\circ", "30"), ("45°", "45"),
+    (r"25\%", "25"), (r"\$15.50", "15.50"),
+    (r"5 \text{ cm}^2", "5"), (r"12\mbox{ inches}", "12"),
+    ("x = 5", "5"), (r"\theta=\frac\pi3", r"\frac\pi3"), ("x_1 = 2", "2"),
+    ("1,000,000", "1000000"), ("1{,}000", "1000"), (r"1\,000", "1000"),
+    ("7.", "7"), ("five", "5"), ("Twenty-One", "21"),
+    (r"\frac12", r"\frac{1}{2}"), (r"\frac1{3}", r"\frac{1}{3}"), (r"\sqrt2", r"\sqrt{2}"),
+    (".5", "0.5"), ("3/4", r"\frac{3}{4}"), ("(B)", "B"), (r"\text{(B)}", "B"),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
+    ("x + y = 1", "x+y=1"),  # not a single-variable assignment: kept
+    ("2m", "2m"),  # a one-letter "unit" is never stripped (it may be a variable)
+])
+def test_comparison_key(raw, key):
+    assert comparison_key(raw) == key
+
+
+def test_normalize_keeps_spaces_between_commands_and_unwraps_iteratively():
+    assert normalize_answer(r"\pi r^2") == r"\pi r^2"
+    assert unwrap_commands(r"\text{a\textbf{b}c}{d}") == "abc{d}"
+    assert unwrap_commands("{" * 10**5 + r"\text{x}") == "{" * 10**5 + "x"
+    assert word_to_number("forty two") == "42" and word_to_number("twenty zero") == "twenty zero"
+
+
+def test_numeric_tolerance_is_relative_1e4_and_integers_are_exact():
+    assert parse_number(r"-\frac{-3}{4}") == (Fraction(3, 4), False)
+    assert parse_number("12") == (Fraction(12), True)
+    assert parse_number(r"\frac{1}{0}") is None and parse_number("1e5") is None
+    assert numeric_equal("0.3333", r"\frac{1}{3}")  # |diff| = 1/30000 = 1e-4 * 1/3 exactly
+    assert not numeric_equal("0.3332", r"\frac{1}{3}")
+    assert numeric_equal("100.01", "100") and not numeric_equal("100.02", "100")
+    assert not numeric_equal("12346", "12345")  # two integers: exact
+    assert numeric_equal("2.0", "2") and not numeric_equal("x", "2")
+
+
+def test_answers_equivalent_order_and_long_answers():
+    assert answers_equivalent("0.5", r"\frac12", use_math_verify=False)
+    assert not answers_equivalent(r"2\sqrt2", r"\sqrt8", use_math_verify=False)
+    assert answers_equivalent(r"2\sqrt2", r"\sqrt8")
+    long = "1+" * 1500 + "1"  # over MAX_ANSWER_CHARS: compared verbatim only
+    assert answers_equivalent(long, long) and not answers_equivalent(long, "1501")
+
+
+def test_gold_and_text_cleaning():
+    assert gold_answer(r"so \boxed{42}.") == "42" and gold_answer(" 7 ") == "7"
+    assert clean_text("a\ud800b") == "a?b"
+    clean_text("x\udfff").encode("utf-8")  # encodable afterwards
+
+
+def test_reason_counts_has_every_reason():
+    results = [GradeResult(1.0, "correct", "1"), GradeResult(0.0, "timeout", None), GradeResult(0.0, "correct", "2")]
+    assert reason_counts(results) == {"correct": 2, "wrong": 0, "no_answer": 0, "timeout": 1, "error": 0}
+    assert reason_counts([]) == {"correct": 0, "wrong": 0, "no_answer": 0, "timeout": 0, "error": 0}
+
+
+def test_format_reward():
+    assert format_reward(r"work \boxed{3}") == 1.0
+    assert format_reward(r"\boxed{1} \boxed{2}") == 0.0
+    assert format_reward("no box, answer 3") == 0.0
+    assert format_reward(r"\boxed{3") == 0.0
+
+
+def test_overlong_penalty_matches_dapo_formula():
+    # max 100 tokens, L_cache 20: free up to 80, then (80 - L) / 20 down to -1 at 100, -1 beyond.
+    assert overlong_penalty(0, 100, 20) == 0.0 and overlong_penalty(80, 100, 20) == 0.0
+    assert overlong_penalty(81, 100, 20) == pytest.approx(-0.05, abs=1e-12)
+    assert overlong_penalty(90, 100, 20) == pytest.approx(-0.5, abs=1e-12)
+    assert overlong_penalty(100, 100, 20) == -1.0 and overlong_penalty(150, 100, 20) == -1.0
+    with pytest.raises(ValueError, match="cache_length"):
+        overlong_penalty(10, 100, 200)
+    with pytest.raises(ValueError, match="length must be"):
+        overlong_penalty(-1, 100, 20)
+    assert combine_rewards(1.0, format_score=1.0, format_weight=0.1, overlong=-0.5) == pytest.approx(0.6)
+    assert combine_rewards(0.0) == 0.0
+
+
+def test_rewards_imports_no_jax():
+    code = "import sys, sspo_jax.rewards; assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
