@@ -115,6 +115,17 @@ def group_advantages(rewards, group_size: int, normalize_std: bool = True, eps: 
     return jnp.where(flat, 0.0, adv).reshape(-1)
 
 
+def rebase_segments(seg):
+    """Segment ids `[B, T]` renumbered to this batch's rows (row i starts at i*T).
+
+    Makes rows sliced out of a bigger batch's ids (a micro-batch, a device shard) valid again
+    for the `B*T` segments of this batch; a no-op on ids straight from `segment_ids`.
+    """
+    seg = jnp.asarray(seg, jnp.int32)
+    B, T = seg.shape
+    return seg - seg[:, :1] + (jnp.arange(B, dtype=jnp.int32) * T)[:, None]
+
+
 def unit_ids(level: str, seg):
     """`[B, T]` ids of the unit each token shares its ratio with, all below B*T."""
     B, T = seg.shape
@@ -163,6 +174,7 @@ def clip_bounds(cfg: LossConfig, mask, seg, entropy):
     """
     mask = jnp.asarray(mask).astype(bool)
     B, T = mask.shape
+    seg = rebase_segments(seg)
     dtype = jnp.result_type(jnp.asarray(entropy).dtype, jnp.float32)
     lo = jnp.full((B, T), cfg.eps_low, dtype)
     hi = jnp.full((B, T), cfg.eps_high, dtype)
@@ -233,6 +245,7 @@ def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tok
         raise ValueError(f"kl_beta={cfg.kl_beta} > 0 needs ref_logp (the reference policy's "
                          f"token log-probs); pass it or set kl_beta=0")
     mask = jnp.asarray(mask).astype(bool)
+    seg = rebase_segments(seg)
     logp = jnp.where(mask, logp, 0.0)  # garbage (even inf) on padding must not reach the grad
     log_w, d = surrogate_log_ratio(cfg, logp, jnp.where(mask, old_logp, 0.0), mask, seg)
     w = jnp.exp(log_w)                                                          # [B, T]
