@@ -134,3 +134,26 @@ def test_overlong_penalty_matches_dapo_formula():
 def test_rewards_imports_no_jax():
     code = "import sys, sspo_jax.rewards; assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_text_never_reaches_sympy_eval(monkeypatch):
+    """sympy's parse_expr ends in `eval_expr` (an eval). Grading hostile text must hand it nothing
+    but number tokens (latex2sympy's NUMBER -> sympy.Number(str))."""
+    import re
+
+    import sympy.parsing.sympy_parser as sympy_parser
+    import sympy.physics.units  # noqa: F401 - sympy evaluates its own unit names on first import
+
+    evaluated = []
+    real_eval_expr = sympy_parser.eval_expr
+    monkeypatch.setattr(sympy_parser, "eval_expr",
+                        lambda code, local_dict, global_dict: (evaluated.append(code),
+                                                               real_eval_expr(code, local_dict, global_dict))[1])
+    hostile = [r"__import__('os').getcwd()", r"\text{__import__('os')}", r"\mathrm{exec}(1)", "eval(1)",
+               r"\operatorname{open}(x)", "lambda: 1", r"x.__class__", "1,234.5", r"3.5\%"]
+    for text in hostile:
+        for response in (r"\boxed{%s}" % text, "The answer is " + text):
+            answers_equivalent(extract_answer(response), "1")
+    assert evaluated, "the spy saw nothing: grading no longer goes through sympy_parser"
+    for code in evaluated:
+        assert re.fullmatch(r"(Integer|Float) \('?[\d.]+'? \)", code), code

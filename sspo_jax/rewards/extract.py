@@ -22,6 +22,9 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_PHRASES = ("final answer is", "the answer is")
 # Thousands-grouped or plain integer, optional decimals, optional /denominator. No nested
 # quantifiers, so matching is linear.
+_BRACE_EVENTS = re.compile(r"\\[\s\S]|[{}]")  # an escaped pair (skipped) or a brace
+_DIGITS = "0123456789"
+_NUMBER_CHARS = _DIGITS + ",./"
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -50,22 +53,18 @@ def _skip_spaces(text: str, i: int) -> int:
 def match_brace_group(text: str, open_pos: int) -> int:
     """Index just past the `}` closing the `{` at `open_pos`, or -1 if it is never closed.
 
-    A backslash escapes the next character, so `\\{` and `\\}` do not count. Iterative, O(n).
+    A backslash escapes the next character, so `\\{` and `\\}` do not count. Iterative, O(n),
+    and the regex jumps straight from one brace or backslash to the next.
     """
     depth = 0
-    i, n = open_pos, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
+    for m in _BRACE_EVENTS.finditer(text, open_pos):
+        token = m.group(0)
+        if token == "{":
             depth += 1
-        elif ch == "}":
+        elif token == "}":
             depth -= 1
             if depth == 0:
-                return i + 1
-        i += 1
+                return m.end()
     return -1
 
 
@@ -111,9 +110,18 @@ def _after_answer_phrase(text: str) -> str | None:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in `text` (thousands commas, decimals and a `/denominator` kept)."""
+    """The last number in `text` (thousands commas, decimals and a `/denominator` kept).
+
+    Finds the last digit with `rfind` and the start of its run of number characters with
+    `rstrip` (both in C), then runs the number regex on that tail only.
+    """
+    end = max(text.rfind(d) for d in _DIGITS) + 1
+    if end == 0:
+        return None
+    start = len(text[:end].rstrip(_NUMBER_CHARS))
+    tail = text[max(0, start - 1) : end]  # one more character for a minus sign
     last = None
-    for m in _NUMBER.finditer(text):
+    for m in _NUMBER.finditer(tail):
         last = m
     return None if last is None else last.group(0)
 

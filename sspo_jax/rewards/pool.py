@@ -202,7 +202,8 @@ class Grader:
         self._failed_starts += 1
         if self._failed_starts >= _MAX_FAILED_STARTS:
             raise RuntimeError(f"grading processes keep dying before they start (exit code "
-                               f"{w.process.exitcode}): check that math-verify imports")
+                               f"{w.process.exitcode}): check that math-verify imports and that the main module "
+                               f"can be re-imported (spawn; see docs/rewards.md)")
 
     def close(self) -> None:
         """Stop the grading processes. Idempotent; `grade` afterwards raises."""
