@@ -58,3 +58,15 @@ def left_padded_batch(lengths, vocab_size: int, total: int | None = None, seed: 
         ids[row, total - n:] = torch.randint(1, vocab_size, (n,), generator=gen)
         mask[row, total - n:] = 1
     return ids, mask
+
+
+def reference_logits(model, ids, mask):
+    """float32 numpy logits [B, T, V] of the transformers model on a left-padded batch.
+
+    position_ids follow the project's convention (docs/design.md): a token's position is the
+    number of real tokens before it in its row (transformers would otherwise count the pads).
+    """
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    return out.logits.float().numpy()
