@@ -1,0 +1,63 @@
+"""Token log-probabilities and entropies from final hidden states, chunked over the sequence.
+
+The full logits `[B, T, V]` never exist: a `lax.scan` walks T in chunks, each chunk's body is
+rematerialised (`jax.checkpoint`), so the backward pass recomputes one chunk's `[B, c, V]` logits
+at a time instead of storing all of them. For Qwen2.5 (V = 151936) at B = 8, T = 4096 the full
+float32 logits would be 20 GB; measured peaks are in docs/algorithms.md.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK = 128
+
+
+def _chunk_logprobs_entropy(hidden, lm_head, targets, temperature):
+    """hidden `[B, c, H]`, lm_head `[H, V]`, targets `[B, c]` -> (logp, entropy) `[B, c]` f32."""
+    # float32 accumulation and softmax even for bfloat16 weights; no float32 copy of the head.
+    logits = jnp.einsum("bch,hv->bcv", hidden, lm_head,
+                        preferred_element_type=jnp.float32) / temperature
+    lse = jax.nn.logsumexp(logits, axis=-1)                                   # [B, c]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    probs = jnp.exp(logits - lse[..., None])
+    entropy = lse - jnp.sum(probs * logits, axis=-1)                          # -sum p log p
+    return target_logit - lse, entropy
+
+
+def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=DEFAULT_CHUNK):
+    """`(logp [B, T], entropy [B, T])`, float32, of `softmax(hidden @ lm_head / temperature)`.
+
+    hidden: `[B, T, H]` final hidden states (after the final norm); lm_head: `[H, V]`;
+    targets: `[B, T]` int token ids in [0, V) (the next tokens: the trainer passes
+    `hidden[:, :-1]` and `tokens[:, 1:]`); temperature: the sampler's, so logp matches the
+    sampling distribution; chunk: tokens of T per step (peak memory ~ a few B*chunk*V floats).
+    Differentiable w.r.t. hidden and lm_head; T need not be a multiple of chunk (zero padded).
+    """
+    hidden, lm_head, targets = jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(targets)
+    if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[2] != lm_head.shape[0]:
+        raise ValueError(f"need hidden [B, T, H] and lm_head [H, V] with the same H, got "
+                         f"{hidden.shape} and {lm_head.shape}")
+    if targets.shape != hidden.shape[:2]:
+        raise ValueError(f"targets must be [B, T] = {hidden.shape[:2]}, got {targets.shape}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (the sampler's), got {temperature}")
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    B, T, H = hidden.shape
+    c = min(int(chunk), T)
+    n = -(-T // c)
+    pad = n * c - T
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, H).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
+    body = jax.checkpoint(_chunk_logprobs_entropy)
+
+    def step(carry, xs):
+        h_c, t_c = xs
+        return carry, body(h_c, lm_head, t_c, temperature)
+
+    _, (logp, entropy) = jax.lax.scan(step, None, (h, t))                    # [n, B, c]
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)
