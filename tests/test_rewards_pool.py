@@ -65,6 +65,7 @@ def test_correct_answer_at_the_end_of_a_1mb_response_and_invalid_utf8(grader):
 def test_non_text_response_is_an_error_not_an_exception(grader):
     results = grader.grade([None, 7, r"\boxed{7}"], ["7", "7", "7"], timeout=TIMEOUT)
     assert [r.reason for r in results] == ["error", "error", "correct"]
+    assert "NoneType" in results[0].detail and results[0].extracted is None
     assert reason_counts(results) == {"correct": 1, "wrong": 0, "no_answer": 0, "timeout": 0, "error": 2}
 
 
@@ -73,7 +74,8 @@ def test_killed_idle_workers_are_replaced(grader):
     old = grader.worker_pids()
     for pid in old:
         os.kill(pid, signal.SIGKILL)
-    results = grader.grade([r"\boxed{3}"] * 6, ["3"] * 6, timeout=TIMEOUT * 5)  # new workers warm up first
+    # The timeout starts when an item is sent, i.e. after the replacements have warmed up.
+    results = grader.grade([r"\boxed{3}"] * 6, ["3"] * 6, timeout=TIMEOUT)
     assert [r.reason for r in results] == ["correct"] * 6
     new = grader.worker_pids()
     assert len(new) == 2 and not set(new) & set(old)
@@ -153,5 +155,31 @@ def test_worker_that_ignores_the_soft_timeout_is_killed(grader):
     assert results[0].reason == "timeout"
     assert TIMEOUT + grader.kill_grace - 0.1 < elapsed < TIMEOUT + 2.0
     assert first not in grader.worker_pids()
+    grader.wait_until_ready()
+    _assert_normal_batch_works(grader)
+
+
+def test_item_that_kills_two_workers_is_an_error(grader):
+    grader.wait_until_ready()
+    stop = threading.Event()
+
+    def kill_busy_workers():  # stands in for an item that crashes whichever process grades it
+        while not stop.is_set():
+            for w in list(grader._workers):
+                if w.task is not None and w.process.pid is not None:
+                    try:
+                        os.kill(w.process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_busy_workers)
+    killer.start()
+    try:
+        results = grader.grade([ADVERSARIAL["hard symbolic work"]], ["5"], timeout=5.0)
+    finally:
+        stop.set()
+        killer.join()
+    assert results[0].reason == "error" and results[0].detail == "grading process died twice"
     grader.wait_until_ready()
     _assert_normal_batch_works(grader)

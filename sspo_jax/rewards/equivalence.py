@@ -38,11 +38,13 @@ _FRACTION = re.compile(r"(?P<sign>[-+]?)\\frac\{(?P<nsign>-?)(?P<num>%s)\}\{(?P<
 
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
-    """Outcome of grading one response: `score` 1.0/0.0, `reason` in REASONS, `extracted` answer."""
+    """Outcome of grading one response: `score` 1.0/0.0, `reason` in REASONS, the `extracted`
+    answer (None when there is none or grading did not finish), and for `error` a short `detail`."""
 
     score: float
     reason: str
     extracted: str | None
+    detail: str | None = None
 
 
 def parse_number(key: str) -> tuple[Fraction, bool] | None:

@@ -10,8 +10,8 @@ Two timeouts bound an item of `timeout` seconds:
   math-verify's nor sympy's `except Exception` swallows it) in the worker's main thread; the item
   is `timeout` and the worker lives on;
 - hard: the parent kills the worker (SIGKILL) `kill_grace` seconds after the soft deadline, for
-  work a signal cannot interrupt (CPython big-integer arithmetic such as `10^{10^{10^{10}}}` runs
-  in C); the item is `timeout` and a fresh worker is started in the background.
+  work a signal cannot interrupt (a signal handler runs only between bytecodes, so e.g. one
+  CPython big-integer operation in C delays it until the operation ends); the item is `timeout` and a fresh worker is started in the background.
 A worker that dies (killed from outside, out of memory) is replaced and its item retried once on
 another worker; a second death makes it `error`. Model text never raises out of `grade`.
 """
@@ -62,7 +62,7 @@ def grade_guarded(response: str, gold: str, timeout: float | None, use_math_veri
     except GradeTimeout:
         return GradeResult(0.0, "timeout", None)
     except Exception as e:  # noqa: BLE001 - any failure on model text is a graded `error`
-        return GradeResult(0.0, "error", f"{type(e).__name__}: {str(e)[:200]}")
+        return GradeResult(0.0, "error", None, f"{type(e).__name__}: {str(e)[:200]}")
 
 
 def warm_up() -> None:
@@ -111,6 +111,7 @@ class _Worker:
         self.deadline = 0.0
 
     def stop(self, kill: bool) -> None:
+        """Ask the process to exit (unless `kill`), SIGKILL it if still alive after 0.5 s, close the pipe."""
         if not kill:
             try:
                 self.conn.send(None)
@@ -124,6 +125,11 @@ class _Worker:
 
 
 def _shutdown(workers: list) -> None:
+    for w in workers:  # ask all to exit first, so they stop in parallel
+        try:
+            w.conn.send(None)
+        except OSError:
+            pass
     for w in workers:
         w.stop(kill=False)
     workers.clear()
@@ -240,7 +246,8 @@ class Grader:
             todo = []
             for i, t in enumerate(texts):
                 if t is None:
-                    results[i] = GradeResult(0.0, "error", f"response is a {type(responses[i]).__name__}, not text")
+                    results[i] = GradeResult(0.0, "error", None,
+                                             f"response is a {type(responses[i]).__name__}, not text")
                 else:
                     todo.append(i)
             if self.processes == 0:
@@ -264,7 +271,7 @@ class Grader:
             if w.task is not None:
                 attempts[w.task] += 1
                 if attempts[w.task] >= 2:
-                    results[w.task] = GradeResult(0.0, "error", "grading process died twice")
+                    results[w.task] = GradeResult(0.0, "error", None, "grading process died twice")
                 else:
                     queue.appendleft(w.task)
             self._replace(w)
