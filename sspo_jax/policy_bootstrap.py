@@ -1,0 +1,91 @@
+"""What a run starts from: the policy and its tokenizer, the task's rows, and the run record."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sspo_jax import model as model_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_policy(config):
+    """(tokenizer, model): a Hugging Face checkpoint, or a random tiny Qwen2 with the project's
+    own synthetic-task tokenizer (the CPU demo)."""
+    m = config.model
+    dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    if m.hf_dir:
+        from transformers import AutoTokenizer
+        hf_dir = _local_checkpoint(m.hf_dir)
+        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_dir or hf_dir)
+        model = model_lib.from_pretrained(hf_dir, dtype=dtype, param_dtype=param_dtype,
+                                          remat=m.remat)
+        return tokenizer, model
+    if m.tokenizer_dir:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_dir)
+    else:
+        from sspo_jax.data.tokenizer import build_tokenizer
+        tokenizer = build_tokenizer()
+    tiny = dict(m.tiny)
+    heads = tiny["num_attention_heads"]
+    cfg = model_lib.Qwen2Config(vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // heads,
+                                **tiny)
+    model = model_lib.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(config.seed), dtype=dtype,
+                                       param_dtype=param_dtype, remat=m.remat)
+    return tokenizer, model
+
+
+def _local_checkpoint(name: str) -> str:
+    """A local directory as is; an `org/name` hub id is downloaded (cached) first."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+
+
+def load_task(config) -> tuple[list[dict] | str, list[dict]]:
+    """(training source, evaluation rows). The training source is a list of rows (synthetic) or
+    a path / `hf:` name the prompt pipeline reads; evaluation rows are the synthetic held-out
+    split, or the configured benchmarks."""
+    d, e = config.data, config.eval
+    if d.source == "synthetic":
+        from sspo_jax.data import synthetic
+        train = synthetic.generate(d.synthetic_train_size, split="train",
+                                   levels=tuple(d.synthetic_levels), seed=config.seed)
+        held_out = synthetic.generate(e.num_prompts, split="test",
+                                      levels=tuple(d.synthetic_levels), seed=config.seed + 1)
+        return train, held_out
+    source = d.path if d.source != "hub" else f"hf:{d.path}"
+    rows = []
+    if e.benchmarks:
+        from sspo_jax.data.benchmarks import load_benchmark
+        for name in e.benchmarks:
+            rows += load_benchmark(name, e.data_dir)
+    return source, rows[: e.num_prompts] if e.num_prompts else rows
+
+
+def write_run_info(workdir: str, config) -> None:
+    """The config and the software/hardware it ran on, for reproducing the run (process 0)."""
+    if jax.process_index() != 0:
+        return
+    import flax
+    import optax
+    import orbax.checkpoint
+    info = {
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+                     "flax": flax.__version__, "optax": optax.__version__,
+                     "orbax-checkpoint": orbax.checkpoint.__version__},
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+    }
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)

@@ -1,0 +1,136 @@
+"""One optimizer step of the policy on one mini-batch of rollouts, accumulated over micro-batches.
+
+The model enters as NNX (graphdef, params) so the step is a pure jitted function of arrays.
+A step whose loss or gradient is not finite leaves the parameters and optimizer state exactly as
+they were and reports `finite = False`; the trainer counts and logs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from sspo_jax import logprobs, losses
+from sspo_jax.loss_metrics import combine_metrics
+
+
+@struct.dataclass
+class PolicyBatch:
+    """Rollouts ready for the loss. B rows; P prompt slots (left padded) then R response slots.
+
+    tokens / attention_mask: [B, P+R]; response_mask, old_logp, seg, eps_low, eps_high: [B, R];
+    adv: [B]; ref_logp: [B, R] or None (only when the loss has a KL term).
+    """
+    tokens: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    old_logp: jax.Array
+    adv: jax.Array
+    seg: jax.Array
+    eps_low: jax.Array
+    eps_high: jax.Array
+    ref_logp: jax.Array | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, index) -> "PolicyBatch":
+        """The rows `index` (an int array or slice) of every field."""
+        return jax.tree.map(lambda x: x[index], self)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """Static settings of the update (hashable: part of the jit cache key)."""
+    loss: losses.LossConfig
+    temperature: float
+    micro_batch_size: int
+    logprob_chunk: int
+
+
+def make_optimizer(lr: float, *, schedule: str = "constant", warmup_steps: int = 0,
+                   total_steps: int = 1, weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8, grad_clip: float = 1.0):
+    """AdamW with global-norm clipping and a linear warmup into a constant or cosine schedule."""
+    if schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps))
+    else:
+        raise ValueError(f"optimizer schedule {schedule!r}: choose 'constant' or 'cosine'")
+    sched = main if warmup_steps <= 0 else optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperature: float,
+                      chunk: int):
+    """log pi and entropy `[B, R]` of the response tokens `tokens[:, prompt_len:]`.
+
+    The hidden state at position t predicts token t+1, so the response's predictors are the
+    positions prompt_len-1 .. P+R-2. The LM head is applied in chunks (never [B, R, V] at once).
+    """
+    hidden = model.hidden_states(tokens, attention_mask=attention_mask)        # [B, P+R, H]
+    predictors = hidden[:, prompt_len - 1:-1]                                 # [B, R, H]
+    targets = tokens[:, prompt_len:]                                          # [B, R]
+    return logprobs.token_logprobs_and_entropy(predictors, model.lm_head_weight(), targets,
+                                               temperature, chunk)
+
+
+def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
+                settings: UpdateSettings):
+    model = nnx.merge(graphdef, params)
+    prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
+    logp, entropy = response_logprobs(model, batch.tokens, batch.attention_mask, prompt_len,
+                                      settings.temperature, settings.logprob_chunk)
+    return losses.policy_loss(settings.loss, logp, batch.old_logp, batch.adv, batch.response_mask,
+                              batch.seg, batch.eps_low, batch.eps_high, num_tokens,
+                              num_seqs=num_seqs, ref_logp=batch.ref_logp,
+                              entropy=jax.lax.stop_gradient(entropy))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "settings"),
+                   donate_argnames=("params", "opt_state"))
+def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
+                settings: UpdateSettings):
+    """One optimizer step on `batch` (a mini-batch), summed over micro-batches.
+
+    Returns (params, opt_state, metrics, grad_norm, finite). The micro-batch losses are
+    normalised by the whole mini-batch's token and response counts, so their gradients add up to
+    the mini-batch gradient exactly, whatever the micro-batch size.
+    """
+    rows, mbs = batch.num_rows, settings.micro_batch_size
+    if rows % mbs:
+        raise ValueError(f"mini-batch of {rows} rows is not divisible into micro-batches of {mbs}")
+    mask = batch.response_mask.astype(jnp.float32)
+    num_tokens = jnp.sum(mask)
+    num_seqs = jnp.sum(jnp.sum(mask, axis=1) > 0)
+    micro = jax.tree.map(lambda x: x.reshape(rows // mbs, mbs, *x.shape[1:]), batch)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def accumulate(grad_sum, mb):
+        (_, metrics), grads = grad_fn(params, graphdef, mb, num_tokens, num_seqs, settings)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, stacked = jax.lax.scan(accumulate, zeros, micro)
+    metrics = combine_metrics([jax.tree.map(lambda x: x[i], stacked) for i in range(rows // mbs)])
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss/sum"])
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics, grad_norm, finite
+
+
+def split_model(model) -> tuple[Any, Any]:
+    """(graphdef, params) of an NNX model; the graphdef is static, params a pytree of arrays."""
+    return nnx.split(model)

@@ -1,0 +1,179 @@
+"""The training configuration: every field with its default, and the CPU demo built on it.
+
+Config files in `configs/` start from `base_config()` and change what they need; any field can be
+overridden on the command line (`--config.optimizer.lr=1e-6`). Fields whose default is "take it
+from the loss preset" are placeholders (None until set), so the preset stays the single source of
+the algorithm's defaults.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from sspo_jax import losses
+
+# LossConfig fields that a config may override on top of the named preset.
+LOSS_OVERRIDES = {
+    "level": str, "eps_low": float, "eps_high": float, "entropy_lambda": float,
+    "scale_min": float, "scale_max": float, "adaptive_mode": str, "dual_clip": float,
+    "kl_beta": float, "aggregation": str, "token_sum_norm": float, "normalize_std": bool,
+    "min_subsentence_tokens": int, "decimal_guard": bool,
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 100                      # RL steps (one rollout batch each)
+
+    # Policy model: a Hugging Face Qwen2/Qwen2.5 directory, or (hf_dir = "") a random tiny model.
+    c.model = ml_collections.ConfigDict(dict(
+        hf_dir="",
+        tokenizer_dir="",              # "" = hf_dir's tokenizer, or the project's synthetic one
+        dtype="float32",               # compute dtype: float32 | bfloat16
+        param_dtype="float32",
+        remat="none",                  # none | full | dots_saveable
+        tiny=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rope_theta=10000.0, tie_word_embeddings=True),
+    ))
+
+    # Training data: the synthetic arithmetic task, or local JSONL / Parquet files, or a hub name.
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",            # synthetic | jsonl | parquet | hub
+        path="",
+        problem_field="problem",
+        answer_field="answer",
+        template="qwen25-math-cot",    # qwen25-math-cot | plain | chat
+        max_prompt_len=256,
+        long_prompts="drop",           # drop | truncate (keep the end)
+        strict=False,
+        synthetic_levels=(1, 2),
+        synthetic_train_size=20000,
+    ))
+
+    # Rollouts: prompts_per_step prompts x num_samples samples each.
+    c.rollout = ml_collections.ConfigDict(dict(
+        prompts_per_step=8,
+        num_samples=8,
+        max_new_tokens=64,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        old_logprobs="sampler",        # sampler | recompute
+        grading_timeout=5.0,
+        filter_zero_variance_groups=False,
+    ))
+
+    # The objective: a preset name plus optional overrides of its fields.
+    c.loss = ml_collections.ConfigDict({"name": "sspo"})
+    for field, kind in LOSS_OVERRIDES.items():
+        c.loss[field] = config_dict.placeholder(kind)
+
+    # The update: the rollout batch is split into ppo_mini_batches optimizer steps, for
+    # ppo_epochs passes; each mini-batch is accumulated over micro-batches of micro_batch_size.
+    c.train = ml_collections.ConfigDict(dict(
+        ppo_mini_batches=4,
+        ppo_epochs=1,
+        micro_batch_size=16,
+        logprob_chunk=128,             # tokens per chunk of the LM-head log-prob computation
+        max_bad_steps=5,               # consecutive non-finite steps before the run stops
+    ))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-6, schedule="constant", warmup_steps=0, weight_decay=0.0,
+        b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=25,                      # 0 = never; step 0 (the starting policy) is evaluated too
+        num_prompts=256,
+        max_new_tokens=64,
+        benchmarks=(),                 # benchmark names for real runs; () = held-out split
+        data_dir="",
+    ))
+    c.warm_start = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, batch_size=32, examples=4000))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Testing hooks: inject_nan_step poisons that step's advantages to exercise the skip path.
+    c.debug = ml_collections.ConfigDict(dict(inject_nan_step=0))
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The CPU demo: a tiny Qwen2 learns the synthetic arithmetic task, warm start then RL.
+
+    `arg` picks the loss preset (`sspo` by default), as in `--config=configs/demo.py:grpo`.
+    """
+    c = base_config()
+    c.loss.name = arg or "sspo"
+    c.steps = 40
+    c.data.template = "plain"
+    c.data.max_prompt_len = 48
+    c.rollout.prompts_per_step = 16
+    c.rollout.num_samples = 8
+    c.rollout.max_new_tokens = 40
+    c.train.ppo_mini_batches = 4
+    c.train.micro_batch_size = 32
+    c.optimizer.lr = 5e-5
+    c.checkpoint.every = 10
+    c.eval.every = 10
+    c.eval.num_prompts = 200
+    c.eval.max_new_tokens = 40
+    c.warm_start.steps = 300
+    c.warm_start.examples = 4000
+    return c
+
+
+def loss_config(loss: ml_collections.ConfigDict) -> losses.LossConfig:
+    """The LossConfig of `loss.name`'s preset with every field the config sets overridden."""
+    overrides = {k: loss[k] for k in LOSS_OVERRIDES if loss.get(k) is not None}
+    return losses.preset(loss.name, **overrides)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Raises ValueError naming the first bad field and the fix, before anything compiles."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"bad config: {msg}")
+
+    need(c.steps >= 1, f"steps={c.steps} must be >= 1")
+    loss_config(c.loss)  # unknown preset names and bad loss fields raise here, with the choices
+    r, t = c.rollout, c.train
+    need(r.num_samples >= 2, f"rollout.num_samples={r.num_samples}: group advantages need >= 2 samples per prompt")
+    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step={r.prompts_per_step} must be >= 1")
+    need(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    need(r.old_logprobs in ("sampler", "recompute"),
+         f"rollout.old_logprobs={r.old_logprobs!r}: choose 'sampler' or 'recompute'")
+    rows = r.prompts_per_step * r.num_samples
+    need(t.ppo_mini_batches >= 1 and rows % t.ppo_mini_batches == 0,
+         f"the rollout batch of {rows} rows (prompts_per_step x num_samples) is not divisible "
+         f"into train.ppo_mini_batches={t.ppo_mini_batches} mini-batches")
+    mini = rows // max(t.ppo_mini_batches, 1)
+    need(t.micro_batch_size >= 1 and mini % t.micro_batch_size == 0,
+         f"a mini-batch of {mini} rows is not divisible into micro-batches of "
+         f"train.micro_batch_size={t.micro_batch_size}")
+    need(t.micro_batch_size % num_devices == 0 or num_devices % t.micro_batch_size == 0,
+         f"train.micro_batch_size={t.micro_batch_size} does not split over {num_devices} devices")
+    need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype={c.model.dtype!r}: float32 or bfloat16")
+    need(c.model.param_dtype in ("float32", "bfloat16"),
+         f"model.param_dtype={c.model.param_dtype!r}: float32 or bfloat16")
+    if c.model.hf_dir:
+        need(os.path.isdir(c.model.hf_dir) or c.model.hf_dir.count("/") == 1,
+             f"model.hf_dir={c.model.hf_dir!r} is not a directory (a local Hugging Face checkpoint)")
+    need(c.data.source in ("synthetic", "jsonl", "parquet", "hub"),
+         f"data.source={c.data.source!r}: choose synthetic, jsonl, parquet or hub")
+    if c.data.source in ("jsonl", "parquet"):
+        need(bool(c.data.path) and os.path.exists(c.data.path),
+             f"data.path={c.data.path!r} does not exist (data.source={c.data.source})")
+    need(c.data.long_prompts in ("drop", "truncate"),
+         f"data.long_prompts={c.data.long_prompts!r}: choose 'drop' or 'truncate'")
+    need(c.optimizer.schedule in ("constant", "cosine"),
+         f"optimizer.schedule={c.optimizer.schedule!r}: choose 'constant' or 'cosine'")
+    need(c.optimizer.lr > 0, f"optimizer.lr={c.optimizer.lr} must be > 0")
+    need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1,
+         "checkpoint.every and checkpoint.keep must be >= 1")
+    need(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 = never)")

@@ -1,0 +1,247 @@
+"""RL post-training: `python -m sspo_jax.train [--config=configs/FILE.py[:preset]] [--workdir=DIR]`.
+
+With no --config the CPU demo runs (sspo_jax/run_config.py: get_config). Rerunning the same
+command on the same workdir resumes from its newest checkpoint. One RL step:
+
+  prompts -> n samples each (sampler) -> rewards (grading pool) -> group advantages, segment ids
+  and clip bounds on the whole batch -> ppo_mini_batches x ppo_epochs optimizer steps, each
+  accumulated over micro-batches -> metrics -> maybe evaluate / checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from sspo_jax import checkpoint as ckpt_lib
+from sspo_jax import evaluate, metrics as metrics_lib, policy_update, rollout, run_config, sampling
+from sspo_jax import rewards as rewards_lib
+from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
+from sspo_jax.policy_bootstrap import build_policy, load_task, write_run_info
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
+    "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
+
+CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", ".3f"),
+                ("clip_frac_tok", "clip tok", ".4f"), ("entropy_mean", "entropy", ".3f"),
+                ("response/length_mean", "len", ".1f"), ("tokens_per_s", "tok/s", ".0f"))
+
+
+def train_and_evaluate(config, workdir: str) -> list[dict]:
+    """Runs (or resumes) the configured training; returns the metric rows of this invocation."""
+    run_config.validate(config, num_devices=1)
+    loss_cfg = run_config.loss_config(config.loss)
+    os.makedirs(workdir, exist_ok=True)
+    write_run_info(workdir, config)
+    tokenizer, model = build_policy(config)
+    train_rows, eval_rows = load_task(config)
+    tables = rollout.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
+    eos_ids = sampling.default_eos_ids(tokenizer)
+    pad_id = sampling.default_pad_id(tokenizer, eos_ids)
+    pipeline = _train_pipeline(config, tokenizer, train_rows)
+    data_iter = pipeline.iterator()
+    r, t = config.rollout, config.train
+    optimizer = policy_update.make_optimizer(
+        config.optimizer.lr, schedule=config.optimizer.schedule,
+        warmup_steps=config.optimizer.warmup_steps,
+        total_steps=config.steps * t.ppo_mini_batches * t.ppo_epochs,
+        weight_decay=config.optimizer.weight_decay, b1=config.optimizer.b1, b2=config.optimizer.b2,
+        eps=config.optimizer.eps, grad_clip=config.optimizer.grad_clip)
+    settings = policy_update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
+                                            micro_batch_size=t.micro_batch_size,
+                                            logprob_chunk=t.logprob_chunk)
+    checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                        save_every=config.checkpoint.every,
+                                        keep=config.checkpoint.keep,
+                                        async_save=config.checkpoint.async_save)
+    grader = rewards_lib.Grader()
+    watcher = ckpt_lib.PreemptionWatcher()
+    is_chief = jax.process_index() == 0
+    start = checkpoints.latest_step()
+    resumed = start is not None
+    counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
+    if resumed:
+        graphdef, params = nnx.split(model)
+        opt_state = optimizer.init(params)
+        state, meta = checkpoints.restore({"params": params, "opt_state": opt_state})
+        params, opt_state = state["params"], state["opt_state"]
+        data_iter.set_state(meta["data"])
+        counters = meta["counters"]
+        logging.info("resumed from the checkpoint of step %d in %s", start, checkpoints.directory)
+    else:
+        start = 0
+        if config.warm_start.steps:
+            _warm_start(config, model, tokenizer, train_rows)
+        graphdef, params = nnx.split(model)
+        opt_state = optimizer.init(params)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start if resumed else None,
+                                       enabled=is_chief)
+    rows_out = []
+
+    def evaluate_now(step):
+        summary, _ = evaluate.evaluate_rows(
+            nnx.merge(graphdef, params), tokenizer, eval_rows, template=config.data.template,
+            max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.eval.max_new_tokens,
+            batch_size=max(r.prompts_per_step, 32), grader=grader, timeout=r.grading_timeout)
+        return {f"eval/{k}": v for k, v in summary.items()}
+
+    if not resumed:
+        row = {"step": 0, **(evaluate_now(0) if config.eval.every else {})}
+        writer.write(0, row)
+        rows_out.append(row)
+        # Step 0 holds the warm-started policy, so a crash during RL never redoes the warm start.
+        checkpoints.save(0, {"params": params, "opt_state": opt_state},
+                         {"data": data_iter.get_state(), "counters": counters}, force=True)
+        _console(0, config.steps, row, time.time(), 0)
+
+    base_key = jax.random.key(config.seed)
+    started = time.time()
+    for step in range(start + 1, config.steps + 1):
+        t0 = time.time()
+        batch = next(data_iter)
+        model_now = nnx.merge(graphdef, params)
+        sample = sampling.generate(model_now, batch["prompt_ids"], batch["prompt_mask"],
+                                   jax.random.fold_in(base_key, step), num_samples=r.num_samples,
+                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                   top_p=r.top_p, top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id)
+        jax.block_until_ready(sample.tokens)
+        t_sample = time.time() - t0
+        texts = evaluate.decode_responses(tokenizer, sample.tokens, sample.mask)
+        golds = [a for a in batch["answer"] for _ in range(r.num_samples)]
+        graded = grader.grade(texts, golds, timeout=r.grading_timeout)
+        t_grade = time.time() - t0 - t_sample
+        scores = np.array([g.score for g in graded], np.float32)
+        if config.debug.inject_nan_step == step:
+            scores[0] = np.nan  # -> NaN advantages for that group -> non-finite loss
+        prompt_ids, prompt_mask = _trim_prompts(batch["prompt_ids"], batch["prompt_mask"])
+        pb, step_metrics = rollout.assemble(
+            prompt_ids, prompt_mask, sample, scores, num_samples=r.num_samples, loss_cfg=loss_cfg,
+            tables=tables, filter_zero_variance=r.filter_zero_variance_groups)
+        if r.old_logprobs == "recompute":
+            pb = pb.replace(old_logp=_recompute_old_logp(graphdef, params, pb, settings))
+        t_update0 = time.time()
+        params, opt_state, loss_parts, bad = _update(params, opt_state, pb, graphdef, optimizer,
+                                                     settings, config, step)
+        t_update = time.time() - t_update0
+        counters["bad_steps_total"] += int(bad > 0)
+        counters["bad_steps_in_a_row"] = counters["bad_steps_in_a_row"] + 1 if bad else 0
+        new_tokens = int(np.asarray(sample.lengths).sum())
+        row = {
+            "step": step, **step_metrics, **finalize_metrics(loss_parts),
+            **{f"grading/{k}": v for k, v in rewards_lib.reason_counts(graded).items()},
+            "skipped_updates": bad, "bad_steps_total": counters["bad_steps_total"],
+            "time/sampling_s": t_sample, "time/grading_s": t_grade, "time/update_s": t_update,
+            "time/step_s": time.time() - t0,
+            "tokens_per_s": new_tokens / max(t_sample, 1e-9),
+            "train_tokens_per_s": t.ppo_epochs * int(np.asarray(pb.attention_mask).sum()) / max(t_update, 1e-9),
+        }
+        if bad:
+            logging.warning("step %d: %d optimizer step(s) had a non-finite loss or gradient and were "
+                            "skipped; metrics: %s", step, bad, json.dumps(row, default=str))
+        if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
+            row.update(evaluate_now(step))
+        writer.write(step, row)
+        rows_out.append(row)
+        _console(step, config.steps, row, started, start)
+        meta = {"data": data_iter.get_state(), "counters": counters}
+        checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta,
+                         force=step == config.steps)
+        if counters["bad_steps_in_a_row"] >= t.max_bad_steps:
+            checkpoints.close()
+            raise RuntimeError(
+                f"stopping: {counters['bad_steps_in_a_row']} steps in a row had non-finite losses or "
+                f"gradients (train.max_bad_steps={t.max_bad_steps}); the last good state is in the "
+                f"checkpoints. Lower the learning rate or check the data; see {writer.path}")
+        if watcher.requested():
+            checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta, force=True)
+            logging.warning("SIGTERM: saved the checkpoint of step %d, exiting", step)
+            break
+    checkpoints.close()
+    grader.close()
+    writer.close()
+    watcher.restore_handlers()
+    if is_chief:
+        from sspo_jax.report import write_report
+        write_report(workdir)
+    return rows_out
+
+
+def _update(params, opt_state, pb, graphdef, optimizer, settings, config, step):
+    """ppo_epochs passes of ppo_mini_batches optimizer steps; returns combined loss metrics."""
+    t = config.train
+    parts, bad = [], 0
+    rng = np.random.default_rng([config.seed, step])
+    for _ in range(t.ppo_epochs):
+        for idx in rollout.minibatch_indices(pb.num_rows, t.ppo_mini_batches, rng):
+            params, opt_state, m, grad_norm, finite = policy_update.update_step(
+                params, opt_state, pb.rows(idx), graphdef=graphdef, optimizer=optimizer,
+                settings=settings)
+            bad += int(not bool(finite))
+            parts.append({**m, "grad_norm/max": grad_norm, "grad_norm/sum": grad_norm})
+    combined = combine_metrics(parts)
+    combined["grad_norm_mean/sum"] = combined.pop("grad_norm/sum") / len(parts)
+    return params, opt_state, combined, bad
+
+
+def _recompute_old_logp(graphdef, params, pb, settings):
+    model = nnx.merge(graphdef, params)
+    prompt_len = pb.tokens.shape[1] - pb.response_mask.shape[1]
+    logp, _ = jax.jit(policy_update.response_logprobs, static_argnums=(3, 4, 5))(
+        model, pb.tokens, pb.attention_mask, prompt_len, settings.temperature, settings.logprob_chunk)
+    return logp
+
+
+def _trim_prompts(ids, mask):
+    """Drop all-padding columns on the left, keeping a bucketed width (few compiled shapes)."""
+    longest = int(np.asarray(mask).sum(axis=1).max())
+    width = min(ids.shape[1], sampling.bucket_length(longest))
+    return ids[:, -width:], mask[:, -width:]
+
+
+def _train_pipeline(config, tokenizer, rows):
+    from sspo_jax.data.pipeline import PromptPipeline
+    return PromptPipeline(rows, tokenizer, batch_size=config.rollout.prompts_per_step,
+                          max_prompt_len=config.data.max_prompt_len, template=config.data.template,
+                          seed=config.seed, overlong=config.data.long_prompts,
+                          strict=config.data.strict)
+
+
+def _warm_start(config, model, tokenizer, rows):
+    from sspo_jax.warm_start import encode_examples, warm_start
+    w = config.warm_start
+    examples = encode_examples(rows[:w.examples], tokenizer, template=config.data.template,
+                               prompt_len=config.data.max_prompt_len,
+                               response_len=config.rollout.max_new_tokens)
+    t0 = time.time()
+
+    def log(step, loss):
+        if step % 50 == 0 or step == w.steps - 1:
+            print(f"warm start {step + 1}/{w.steps} | loss {loss:.3f} | {time.time() - t0:.0f}s",
+                  flush=True)
+
+    warm_start(model, examples, steps=w.steps, lr=w.lr, batch_size=w.batch_size,
+               prompt_len=config.data.max_prompt_len, seed=config.seed,
+               chunk=config.train.logprob_chunk, log=log)
+
+
+def _console(step, total, row, started, first_step):
+    print(metrics_lib.progress_line(step, total, row, started, first_step, CONSOLE_KEYS), flush=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
