@@ -157,3 +157,16 @@ def test_model_text_never_reaches_sympy_eval(monkeypatch):
     assert evaluated, "the spy saw nothing: grading no longer goes through sympy_parser"
     for code in evaluated:
         assert re.fullmatch(r"(Integer|Float) \('?[\d.]+'? \)", code), code
+
+
+def test_two_plain_numbers_skip_math_verify_unless_percent(monkeypatch):
+    import sspo_jax.rewards.equivalence as eq
+
+    calls = []
+    monkeypatch.setattr(eq, "math_verify_equal", lambda pred, gold: calls.append((pred, gold)) or False)
+    assert not eq.answers_equivalent("12346", "12345") and not eq.answers_equivalent(r"\frac{1}{3}", "0.3")
+    assert calls == []
+    assert not eq.answers_equivalent(r"25\%", "0.25")  # math-verify is asked (stubbed to say no here)
+    assert calls and calls[0] == (r"25\%", "0.25")
+    assert not eq.answers_equivalent(r"\sqrt{2}", "1.414")  # not a plain number: asked too
+    assert (r"\sqrt{2}", "1.414") in calls

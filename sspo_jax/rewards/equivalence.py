@@ -3,7 +3,8 @@
 Order (the first test that says "equal" wins; all are tried before "wrong"):
 1. exact match of `comparison_key` (normalised, whitespace removed);
 2. numeric: both sides plain numbers (integer, decimal, `a/b`, `\\frac{a}{b}`, optional sign),
-   compared as exact fractions: integers must be equal, otherwise relative tolerance 1e-4;
+   compared as exact fractions: integers must be equal, otherwise relative tolerance 1e-4; when
+   both are plain numbers and neither has a `%`, this verdict is final;
 3. math-verify: the gold parsed first, then the prediction, both with LaTeX extraction only
    (never math-verify's plain-expression mode, which would hand model text to sympy's
    `parse_expr`, an `eval`); `verify(gold, pred)` handles sets, intervals, tuples, matrices,
@@ -119,6 +120,11 @@ def answers_equivalent(pred: str, gold: str, use_math_verify: bool = True) -> bo
         return True
     if numeric_equal(pred_key, gold_key):
         return True
+    if "%" not in pred + gold and parse_number(pred_key) and parse_number(gold_key):
+        # Two plain numbers: the numeric test is final (math-verify is stricter on them: exact for
+        # integers, 6 decimals otherwise), which spares sympy on every wrong numeric answer.
+        # A `%` keeps math-verify in play, which reads `25\%` as 0.25.
+        return False
     if not use_math_verify:
         return False
     if math_verify_equal(pred, gold):
