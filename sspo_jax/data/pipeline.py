@@ -93,9 +93,9 @@ class PromptPipeline:
         rows, counts = load_rows(source, fields, strict=strict, hub_split=hub_split, hub_config=hub_config)
         self.rows, self._prompt_ids = [], []
         counts.update(dropped_too_long=0, truncated=0)
-        for row in rows:
-            text = render_prompt(row["problem"], template, tokenizer)
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        texts = [render_prompt(row["problem"], template, tokenizer) for row in rows]
+        all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call
+        for row, ids in zip(rows, all_ids):
             if len(ids) > max_prompt_len:
                 if overlong == "drop":
                     counts["dropped_too_long"] += 1
