@@ -53,7 +53,8 @@ def test_batches_are_fixed_shape_and_left_padded_prompts(tokenizer):
                 assert (ids == tokenizer.pad_token_id).all()
                 continue
             row = pipeline.rows[index]
-            expected = tokenizer(render_prompt(row["problem"], "qwen25-math-cot"), add_special_tokens=False)["input_ids"]
+            text = render_prompt(row["problem"], "qwen25-math-cot")
+            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
             start = 48 - len(expected)
             assert mask.tolist() == [0] * start + [1] * len(expected)
             assert ids[start:].tolist() == expected
@@ -89,7 +90,8 @@ def test_resume_from_saved_state_gives_the_identical_next_batches(tokenizer):
     state = json.loads(json.dumps(reference.get_state()))  # what orbax writes and reads
     expected = [next(reference) for _ in range(3)]
     resumed = make_pipeline(tokenizer, seed=7).iterator()  # a rebuilt pipeline
-    assert next(make_pipeline(tokenizer, seed=7).iterator())["row_index"].tolist() != expected[0]["row_index"].tolist()
+    first = next(make_pipeline(tokenizer, seed=7).iterator())
+    assert first["row_index"].tolist() != expected[0]["row_index"].tolist()  # resuming matters
     resumed.set_state(state)
     for batch in expected:
         assert_batches_equal(next(resumed), batch)
@@ -106,7 +108,8 @@ def test_resume_through_an_orbax_checkpoint_manager(tokenizer, tmp_path):
         manager.wait_until_finished()
     expected = next(iterator)
     restored = make_pipeline(tokenizer, seed=1).iterator()
-    assert next(make_pipeline(tokenizer, seed=1).iterator())["row_index"].tolist() != expected["row_index"].tolist()
+    first = next(make_pipeline(tokenizer, seed=1).iterator())
+    assert first["row_index"].tolist() != expected["row_index"].tolist()  # resuming matters
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
     assert_batches_equal(next(restored), expected)

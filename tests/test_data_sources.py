@@ -39,7 +39,8 @@ def test_map_row_field_candidates_and_answer_formats():
     assert reason is None and row["answer"] == "2" and row["solution"].startswith("a ")
     # A list answer uses its first element and loses its $...$.
     olympiad = FieldMap(problem="question", answer=("final_answer",))
-    assert map_row({"question": "Q", "final_answer": ["$\\frac{1}{2}$", "x"]}, olympiad)[0]["answer"] == "\\frac{1}{2}"
+    row, _ = map_row({"question": "Q", "final_answer": ["$\\frac{1}{2}$", "x"]}, olympiad)
+    assert row["answer"] == "\\frac{1}{2}"
     gsm8k = FieldMap(problem="question", answer_format="gsm8k")
     assert map_row({"question": "Q", "answer": "3 + 4 = 7\n#### 7"}, gsm8k)[0]["answer"] == "7"
     boxed = FieldMap(answer_format="boxed")

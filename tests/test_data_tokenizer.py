@@ -25,7 +25,8 @@ def test_synthetic_problems_solutions_and_prompts_round_trip_exactly(tokenizer):
 
 
 def test_digits_and_delimiters_are_single_tokens(tokenizer):
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer("12 + 305 = 317.\nThe answer is \\boxed{317}.")["input_ids"])
+    ids = tokenizer("12 + 305 = 317.\nThe answer is \\boxed{317}.")["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
     assert pieces == ["1", "2", " +", " 3", "0", "5", " =", " 3", "1", "7", ".", "\n", "The", " answer",
                       " is", " \\boxed", "{", "3", "1", "7", "}", "."]
     for delimiter in (".", ",", "?", ":", "\n"):
@@ -39,7 +40,8 @@ def test_special_tokens_and_fixed_ids(tokenizer):
     assert tokenizer.padding_side == "left"
     assert tok.build_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
     assert len(tokenizer) == len(tok.SPECIAL_TOKENS) + len(tok.vocabulary())
-    assert tokenizer.decode(tokenizer("Tom has 2 pens.<|im_end|>")["input_ids"], skip_special_tokens=True) == "Tom has 2 pens."
+    ids = tokenizer("Tom has 2 pens.<|im_end|>")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Tom has 2 pens."
 
 
 def test_unknown_words_become_unk(tokenizer):
@@ -50,8 +52,9 @@ def test_unknown_words_become_unk(tokenizer):
 def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    text = render_prompt("Anna has 4 coins. Anna loses 1. How many coins does Anna have now?", "chat", loaded)
-    assert text == render_prompt("Anna has 4 coins. Anna loses 1. How many coins does Anna have now?", "chat", tokenizer)
+    problem = "Anna has 4 coins. Anna loses 1. How many coins does Anna have now?"
+    text = render_prompt(problem, "chat", loaded)
+    assert text == render_prompt(problem, "chat", tokenizer)
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.get_vocab() == tokenizer.get_vocab()
     assert (loaded.eos_token_id, loaded.pad_token_id, loaded.padding_side) == (2, 3, "left")

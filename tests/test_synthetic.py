@@ -71,8 +71,8 @@ def test_train_and_test_never_share_a_problem():
     assert not {r["problem"] for r in train} & {r["problem"] for r in test}
     assert all(synthetic.split_of(r["problem"]) == "test" for r in test)
     # The split is a fixed fraction of problem texts, not of the seed.
-    drawn = [synthetic.split_of(r["problem"]) for r in synthetic.generate(2000, split="train", levels=(2,), seed=5)]
-    assert drawn.count("train") == 2000
+    train_2 = synthetic.generate(2000, split="train", levels=(2,), seed=5)
+    assert all(synthetic.split_of(r["problem"]) == "train" for r in train_2)
     fraction = sum(synthetic.split_of(f"Tom has {i} pens.") == "test" for i in range(5000)) / 5000
     assert abs(fraction - synthetic.TEST_FRACTION) < 0.03
 
@@ -96,3 +96,8 @@ def test_rows_written_as_jsonl_feed_the_pipeline(tmp_path):
     assert pipeline.stats["rows_used"] == 12
     answers = [a for batch in pipeline for a in batch["answer"]]
     assert answers == [r["answer"] for r in rows]
+
+
+def test_solution_text_format():
+    expected = "3 + 4 = 7.\n7 - 2 = 5.\n5 * 3 = 15.\nThe answer is \\boxed{15}."
+    assert synthetic.solution_text(3, [("+", 4), ("-", 2), ("*", 3)]) == expected
