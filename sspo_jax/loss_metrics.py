@@ -17,9 +17,11 @@ def _ratio(out, name, num, den):
     out[f"{name}/den"] = den
 
 
-def _any_per_unit(flag, ids, n):
-    """1 for every unit id holding at least one flagged token, `[n]`."""
-    return jax.ops.segment_max(flag.astype(jnp.int32).ravel(), ids.ravel(), num_segments=n) > 0
+def _any_per_unit(flags, ids, n):
+    """`[n, k]` bool: unit id holds at least one token flagged by each of the k `[B, T]` flags
+    (one scatter for all k)."""
+    stacked = jnp.stack([f.astype(jnp.int32).ravel() for f in flags], axis=1)
+    return jax.ops.segment_max(stacked, ids.ravel(), num_segments=n) > 0
 
 
 def policy_metrics(*, w, d, mask, seg, lo, hi, clip_low, clip_high, dual_hit, entropy, kl,
@@ -36,19 +38,20 @@ def policy_metrics(*, w, d, mask, seg, lo, hi, clip_low, clip_high, dual_hit, en
     n = B * T
     m = mask.astype(f)
     tokens = jnp.sum(m)
-    seg_count = jax.ops.segment_sum(m.ravel(), seg.ravel(), num_segments=n)
-    valid_seg = seg_count > 0
+    flags = {"low": clip_low, "high": clip_high, "total": clip_low | clip_high}
+    if dual_hit is not None:
+        flags["dual"] = dual_hit
+    # Column 0: the subsentence holds a response token at all (is valid); then one per flag.
+    per_subsentence = _any_per_unit([mask, *flags.values()], seg, n)
+    valid_seg = per_subsentence[:, 0]
     num_subsentences = jnp.sum(valid_seg).astype(f)
     nonempty = jnp.sum(mask, axis=1) > 0                                      # [B]
     num_responses = jnp.sum(nonempty).astype(f)
     out = {}
-    flags = {"low": clip_low, "high": clip_high, "total": clip_low | clip_high}
-    if dual_hit is not None:
-        flags["dual"] = dual_hit
-    for kind, flag in flags.items():
+    for j, (kind, flag) in enumerate(flags.items(), start=1):
         _ratio(out, f"clip_frac_{kind}/token", jnp.sum(flag).astype(f), tokens)
         _ratio(out, f"clip_frac_{kind}/subsentence",
-               jnp.sum(_any_per_unit(flag, seg, n) & valid_seg).astype(f), num_subsentences)
+               jnp.sum(per_subsentence[:, j]).astype(f), num_subsentences)
         _ratio(out, f"clip_frac_{kind}/response",
                jnp.sum(jnp.any(flag, axis=1)).astype(f), num_responses)
     _ratio(out, "ratio_mean", jnp.sum(w * m), tokens)

@@ -140,8 +140,10 @@ def segment_mean(x, mask, ids):
     """Masked mean of x `[B, T]` over each id: `(mean [B*T], count [B*T])`, indexed by id."""
     n = ids.size  # B*T: a static upper bound on the number of ids
     w = mask.astype(x.dtype)
-    total = jax.ops.segment_sum((x * w).ravel(), ids.ravel(), num_segments=n)
-    count = jax.ops.segment_sum(w.ravel(), ids.ravel(), num_segments=n)
+    # Sum and count in one scatter of [B*T, 2] rows: a scatter's cost is mostly per index.
+    sums = jax.ops.segment_sum(jnp.stack([(x * w).ravel(), w.ravel()], axis=1), ids.ravel(),
+                               num_segments=n)
+    total, count = sums[:, 0], sums[:, 1]
     return total / jnp.maximum(count, 1), count
 
 
