@@ -2,6 +2,8 @@
 the pool keeps working afterwards, and the public grade()/reward() API."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -118,6 +120,8 @@ def test_caller_errors_are_clear():
         g.grade(["a"], ["1"], timeout=0)
     with pytest.raises(ValueError, match="processes"):
         Grader(processes=-1)
+    with pytest.raises(ValueError, match="memory_limit_mb"):
+        Grader(processes=0, memory_limit_mb=0)
 
 
 def test_in_process_mode_grades_and_soft_times_out():
@@ -183,3 +187,29 @@ def test_item_that_kills_two_workers_is_an_error(grader):
     assert results[0].reason == "error" and results[0].detail == "grading process died twice"
     grader.wait_until_ready()
     _assert_normal_batch_works(grader)
+
+
+def test_default_grader_workers_exit_with_the_program():
+    code = ("import sspo_jax.rewards as r; assert r.reward(r'\\boxed{2}', '2') == 1.0; "
+            "print(*r.default_grader().worker_pids())")  # exits without closing anything
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        time.sleep(0.1)
+    assert not alive, f"grading processes {alive} outlived their program"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting to be reaped is not running
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -151,6 +151,8 @@ class Grader:
             raise ValueError(f"processes must be >= 0 (0 = grade in this process), got {processes}")
         if kill_grace <= 0:
             raise ValueError(f"kill_grace must be > 0 seconds, got {kill_grace}")
+        if memory_limit_mb is not None and memory_limit_mb <= 0:
+            raise ValueError(f"memory_limit_mb must be > 0 or None (no limit), got {memory_limit_mb}")
         self.processes = processes
         self.kill_grace = kill_grace
         self.memory_limit_mb = memory_limit_mb
