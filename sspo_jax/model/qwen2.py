@@ -152,7 +152,9 @@ class Qwen2ForCausalLM(nnx.Module):
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cache is None:
             return x
-        return x, cache.replace(k=new_kv[0], v=new_kv[1], mask=key_mask, index=cache.index + t)
+        k, v = (constrain(a, kv_cache.KV_AXES, self.mesh) for a in new_kv)
+        key_mask = constrain(key_mask, kv_cache.MASK_AXES, self.mesh)
+        return x, cache.replace(k=k, v=v, mask=key_mask, index=cache.index + t)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: kv_cache.KVCache | None = None):
