@@ -170,3 +170,43 @@ def test_two_plain_numbers_skip_math_verify_unless_percent(monkeypatch):
     assert calls and calls[0] == (r"25\%", "0.25")
     assert not eq.answers_equivalent(r"\sqrt{2}", "1.414")  # not a plain number: asked too
     assert (r"\sqrt{2}", "1.414") in calls
+
+
+def test_math_verify_equal_directly():
+    from sspo_jax.rewards.equivalence import math_verify_equal
+
+    assert math_verify_equal(r"\{2, 1\}", r"\{1,2\}")
+    assert not math_verify_equal(r"(1,2]", r"[1,2)")
+    assert not math_verify_equal("1", r"\frac{")  # gold that does not parse: never equal
+
+
+def test_run_with_alarm_interrupts_python_and_grade_guarded_never_raises():
+    import threading
+
+    from sspo_jax.rewards.pool import GradeTimeout, grade_guarded, run_with_alarm
+
+    def spin():
+        while True:
+            pass
+
+    with pytest.raises(GradeTimeout):
+        run_with_alarm(spin, 0.05)
+    assert run_with_alarm(lambda: 3, 0.05) == 3
+    out = []
+    t = threading.Thread(target=lambda: out.append(run_with_alarm(lambda: 4, 0.05)))  # no alarm off main
+    t.start()
+    t.join()
+    assert out == [4]
+    res = grade_guarded(r"\boxed{1}", "1", timeout=5.0)
+    assert (res.score, res.reason) == (1.0, "correct")
+
+
+def test_grade_guarded_turns_a_grading_bug_into_error(monkeypatch):
+    import sspo_jax.rewards.pool as pool
+
+    def broken(response, gold, use_math_verify):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(pool, "grade_response", broken)
+    res = pool.grade_guarded(r"\boxed{1}", "1", timeout=1.0)
+    assert (res.score, res.reason, res.extracted) == (0.0, "error", None) and res.detail.startswith("KeyError")
