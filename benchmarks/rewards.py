@@ -1,6 +1,6 @@
 """Grading throughput: the spawned process pool against in-process grading, timed in the same run.
 
-Two batches: the 199-row verification table (math-verify does most of the work) and a batch of
+Two batches: the verification table (math-verify does most of the work) and a batch of
 512 typical RL responses (short reasoning, boxed integer; exact match decides, so this measures
 the pool's per-item IPC overhead). Each mode grades each batch once to warm up (imports, the
 per-process gold-parse cache), then `--reps` interleaved timed repetitions; the minimum is kept.
@@ -24,7 +24,7 @@ def batches():
     table = ([r["response"] for r in rows], [r["gold"] for r in rows])
     rl = ([f"Step 1: {i} + {i} = {2 * i}. Step 2: so the result is $\\boxed{{{2 * i + (i % 3 == 0)}}}$."
            for i in range(512)], [str(2 * i) for i in range(512)])
-    return {"verification table (199)": table, "RL batch, boxed integers (512)": rl}
+    return {f"verification table ({len(rows)})": table, "RL batch, boxed integers (512)": rl}
 
 
 def main():

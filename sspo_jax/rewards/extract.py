@@ -8,7 +8,8 @@ Rules, in order (the first that applies decides):
    was truncated inside it), there is no answer: earlier boxes are not consulted, because the
    model was still changing its final answer when it was cut off.
 2. Otherwise the text after the last "final answer is" / "the answer is" (case-insensitive), up
-   to the end of its line; a `$...$` span there is unwrapped.
+   to the end of its line; a `$...$` span there is unwrapped, otherwise the text stops at the
+   end of the sentence (". ").
 3. Otherwise the last number in the response (`-1,234.5`, `3/4`).
 
 Every step is linear in the response length: `rfind`, one forward scan with a depth counter (no
@@ -17,14 +18,19 @@ recursion, so 10^5 nested braces are fine) and regexes without nested quantifier
 from __future__ import annotations
 
 import re
+import string
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_PHRASES = ("final answer is", "the answer is")
-# Thousands-grouped or plain integer, optional decimals, optional /denominator. No nested
-# quantifiers, so matching is linear.
 _BRACE_EVENTS = re.compile(r"\\[\s\S]|[{}]")  # an escaped pair (skipped) or a brace
+_SPACES = re.compile(r"[ \t]*")
+_BARE_TOKEN = re.compile(r"[^\s$]*")  # `\boxed 5`: up to whitespace or `$`
+# ASCII-only lower-casing keeps every index in place (str.lower can change the length).
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _DIGITS = "0123456789"
 _NUMBER_CHARS = _DIGITS + ",./"
+# Thousands-grouped or plain integer, optional decimals, optional /denominator. No nested
+# quantifiers, so matching is linear.
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -45,9 +51,7 @@ def _last_box_start(text: str) -> tuple[int, int]:
 
 
 def _skip_spaces(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    return i
+    return _SPACES.match(text, i).end()
 
 
 def match_brace_group(text: str, open_pos: int) -> int:
@@ -78,16 +82,12 @@ def last_boxed_content(text: str) -> str | None:
     if i < n and text[i] == "{":
         end = match_brace_group(text, i)
         return None if end == -1 else text[i + 1 : end - 1]
-    # `\boxed 5`: take the token up to whitespace or `$`.
-    start = i
-    while i < n and not text[i].isspace() and text[i] != "$":
-        i += 1
-    return text[start:i] or None
+    return _BARE_TOKEN.match(text, i).group(0) or None  # `\boxed 5`
 
 
 def _after_answer_phrase(text: str) -> str | None:
     """The rest of the line after the last "final answer is" / "the answer is"; None if absent."""
-    lowered = text.lower()
+    lowered = text.translate(_ASCII_LOWER)
     pos, phrase_len = -1, 0
     for phrase in _ANSWER_PHRASES:
         p = lowered.rfind(phrase)
@@ -105,6 +105,10 @@ def _after_answer_phrase(text: str) -> str | None:
         inner = rest.lstrip("$")
         close = inner.find("$")
         rest = inner if close == -1 else inner[:close]
+    else:
+        sentence_end = rest.find(". ")  # "The answer is 7. Next, ..." (a decimal point has no space)
+        if sentence_end != -1:
+            rest = rest[:sentence_end]
     rest = rest.strip().rstrip(".").strip()
     return rest or None
 
