@@ -123,7 +123,7 @@ def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, stacked = jax.lax.scan(accumulate, zeros, micro)
     metrics = combine_metrics([jax.tree.map(lambda x: x[i], stacked) for i in range(rows // mbs)])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss/sum"])
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
