@@ -80,6 +80,17 @@ def test_config_reads_hub_style_and_transformers5_style_rope_theta():
     assert hash(cfg) == hash(M.Qwen2Config.from_hf(hub))  # static under jit
 
 
+@pytest.mark.parametrize("changes,message", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), "num_attention_heads=4 is not a multiple"),
+    (dict(hidden_size=60, num_attention_heads=4), "head_dim=15 must be even"),
+    (dict(vocab_size=None), "missing required keys \\['vocab_size'\\]"),
+])
+def test_inconsistent_config_is_named(changes, message):
+    raw = {k: v for k, v in dict(tiny_hf.BASE, **changes).items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        M.Qwen2Config.from_hf(raw)
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.fixture

@@ -89,8 +89,8 @@ def from_pretrained(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, param_d
                                                     param_dtype=param_dtype, remat=remat, mesh=mesh))
     files = _weight_files(hf_dir)
     plan = list(_weight_plan(model))
-    _check_names_and_shapes(plan, files, cfg)
     handles = {path: safe_open(path, framework="numpy") for path in sorted(set(files.values()))}
+    _check_names_and_shapes(plan, files, handles, cfg)
     for var, names, transpose, stacked in plan:
         if mesh is None:
             sharding = SingleDeviceSharding(jax.devices()[0])
@@ -101,7 +101,8 @@ def from_pretrained(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, param_d
     return model
 
 
-def _check_names_and_shapes(plan, files: dict[str, str], cfg: Qwen2Config) -> None:
+def _check_names_and_shapes(plan, files: dict[str, str], handles: dict[str, Any], cfg: Qwen2Config) -> None:
+    """Raises naming the first missing, unexpected or mis-shaped weight (HF layout)."""
     expected = {}
     for var, names, transpose, stacked in plan:
         shape = tuple(var.shape[1:]) if stacked else tuple(var.shape)
@@ -118,12 +119,9 @@ def _check_names_and_shapes(plan, files: dict[str, str], cfg: Qwen2Config) -> No
     if unexpected:
         raise KeyError(f"unexpected weight(s) {unexpected[:5]} in {files[unexpected[0]]}: not part of a "
                        f"Qwen2 model with this config (num_hidden_layers={cfg.num_hidden_layers})")
-    opened: dict[str, Any] = {}
     for name, want in expected.items():
         path = files[name]
-        if path not in opened:
-            opened[path] = safe_open(path, framework="numpy")
-        found = tuple(opened[path].get_slice(name).get_shape())
+        found = tuple(handles[path].get_slice(name).get_shape())
         if found != want:
             raise ValueError(f"weight {name} in {path} has shape {found}, but the config expects {want}")
 
