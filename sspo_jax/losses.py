@@ -126,7 +126,7 @@ def rebase_segments(seg):
     return seg - seg[:, :1] + (jnp.arange(B, dtype=jnp.int32) * T)[:, None]
 
 
-def unit_ids(level: str, seg):
+def _unit_ids(level: str, seg):
     """`[B, T]` ids of the unit each token shares its ratio with, all below B*T."""
     B, T = seg.shape
     if level == "token":
@@ -136,7 +136,7 @@ def unit_ids(level: str, seg):
     return jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None] * T, (B, T))
 
 
-def segment_mean(x, mask, ids):
+def _segment_mean(x, mask, ids):
     """Masked mean of x `[B, T]` over each id: `(mean [B*T], count [B*T])`, indexed by id."""
     n = ids.size  # B*T: a static upper bound on the number of ids
     w = mask.astype(x.dtype)
@@ -147,22 +147,22 @@ def segment_mean(x, mask, ids):
     return total / jnp.maximum(count, 1), count
 
 
-def masked_log_ratio(cfg: LossConfig, logp, old_logp, mask):
+def _masked_log_ratio(cfg: LossConfig, logp, old_logp, mask):
     """d = clamp(logp - old_logp, -c, c), zeroed where mask = 0. `[B, T]`."""
     d = jnp.where(mask, logp - old_logp, 0.0)
     return jnp.clip(d, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
 
 
-def surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg):
+def _surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg):
     """Token surrogate log w_t = l_t - sg(l_t) + sg(log S_k(t)): value log S_k, gradient dl_t.
 
     log S_k is the mean of the clamped d over the unit k (token, subsentence or response): one
     segment_sum path for all three levels. log S_k is already in [-c, c] (a mean of clamped
     values), so no second clamp is needed before the exp.
     """
-    d = jax.lax.stop_gradient(masked_log_ratio(cfg, logp, old_logp, mask))
-    ids = unit_ids(cfg.level, seg)
-    log_s, _ = segment_mean(d, mask, ids)
+    d = jax.lax.stop_gradient(_masked_log_ratio(cfg, logp, old_logp, mask))
+    ids = _unit_ids(cfg.level, seg)
+    log_s, _ = _segment_mean(d, mask, ids)
     return logp - jax.lax.stop_gradient(logp) + log_s[ids], d
 
 
@@ -183,7 +183,7 @@ def clip_bounds(cfg: LossConfig, mask, seg, entropy):
     if cfg.entropy_lambda == 0:
         return lo, hi
     ent = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(entropy, dtype), 0.0))
-    h_bar, count = segment_mean(ent, mask, seg)                                 # [B*T]
+    h_bar, count = _segment_mean(ent, mask, seg)                                 # [B*T]
     valid = count > 0
     batch_mean = jnp.sum(jnp.where(valid, h_bar, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
     rel = jnp.where(batch_mean > 0, h_bar / jnp.where(batch_mean > 0, batch_mean, 1.0), 1.0)
@@ -249,7 +249,7 @@ def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tok
     mask = jnp.asarray(mask).astype(bool)
     seg = rebase_segments(seg)
     logp = jnp.where(mask, logp, 0.0)  # garbage (even inf) on padding must not reach the grad
-    log_w, d = surrogate_log_ratio(cfg, logp, jnp.where(mask, old_logp, 0.0), mask, seg)
+    log_w, d = _surrogate_log_ratio(cfg, logp, jnp.where(mask, old_logp, 0.0), mask, seg)
     w = jnp.exp(log_w)                                                          # [B, T]
     a = jnp.asarray(adv, w.dtype)[:, None]                                      # [B, 1]
     lo = jnp.broadcast_to(jnp.asarray(lo, w.dtype), w.shape)

@@ -130,6 +130,7 @@ def policy_loss(cfg, logp, old_logp, adv, mask, seg, lo, hi, num_tokens=None, nu
 
 # ---- random inputs shared by the loss tests (data, not math) ----
 ENDS = np.array([False, True, True, False, False, False, False, False, False, False])  # V = 10
+EOS = 9
 
 
 def random_batch(seed=0, B=8, T=16, group_size=4):
@@ -142,6 +143,8 @@ def random_batch(seed=0, B=8, T=16, group_size=4):
     lengths[0], lengths[1], lengths[2] = T, T // 2, 0
     tokens[3, :6] = [1, 2, 1, 5, 2, 2]
     mask = np.arange(T)[None, :] < lengths[:, None]
+    for i in np.flatnonzero((lengths > 0) & (lengths < T)):
+        tokens[i, lengths[i] - 1] = EOS  # finished rows end in EOS (in the mask); row 0 is cut off
     scales = np.array([1e-4, 3e-4, 1e-3, 3e-3, 0.05, 0.3, 2.0, 1e-4])[np.arange(B) % 8]
     logp = -rng.uniform(0.01, 3.0, size=(B, T))
     old = logp + rng.normal(size=(B, T)) * scales[:, None]

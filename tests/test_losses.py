@@ -168,3 +168,28 @@ def test_config_errors_are_clear():
                            b["mask"], seg, 0.2, 0.2)
     assert losses.preset("sspo", eps_high=3e-3).eps_high == 3e-3
     assert dataclasses.replace(losses.preset("gspo"), eps_low=1e-4).level == "sequence"
+
+
+def test_aggregate_modes_by_hand():
+    x = np.array([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+    agg = {m: losses.preset("grpo", aggregation=m, token_sum_norm=8.0) for m in losses.AGGREGATIONS}
+    assert float(losses.aggregate(agg["token-mean"], x, mask)) == pytest.approx(10 / 4)
+    assert float(losses.aggregate(agg["seq-mean-token-mean"], x, mask)) == pytest.approx((2 + 4) / 2)
+    assert float(losses.aggregate(agg["seq-mean-token-sum-norm"], x, mask)) == pytest.approx(
+        (6 / 8 + 4 / 8) / 2)
+    default_norm = losses.preset("dr_grpo")  # C = T = 4 when token_sum_norm is None
+    assert float(losses.aggregate(default_norm, x, mask)) == pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert float(losses.aggregate(agg["token-mean"], x, mask, num_tokens=8)) == pytest.approx(10 / 8)
+    assert float(losses.aggregate(agg["seq-mean-token-mean"], x, mask, num_seqs=4)) == \
+        pytest.approx(6 / 4)
+    assert float(losses.aggregate(agg["token-mean"], x, np.zeros_like(mask))) == 0.0
+
+
+def test_rebase_segments_renumbers_sliced_rows():
+    tokens = np.array([[1, 0, 2, 0], [0, 0, 0, 0], [2, 2, 0, 1]])
+    mask = np.ones_like(tokens, bool)
+    seg = np.asarray(segments.segment_ids(tokens, mask, ref.ENDS))
+    np.testing.assert_array_equal(np.asarray(losses.rebase_segments(seg)), seg)
+    np.testing.assert_array_equal(np.asarray(losses.rebase_segments(seg[1:])),
+                                  np.asarray(segments.segment_ids(tokens[1:], mask[1:], ref.ENDS)))
