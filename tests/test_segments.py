@@ -90,6 +90,17 @@ def test_multibyte_delimiter_split_over_byte_tokens_is_not_an_end():
     assert not ends[ids].any() and ends[tok.encode(".").ids[0]]
 
 
+def test_byte_fallback_pieces():
+    """SentencePiece-style byte fallback: '<0x2E>' decodes to '.', so it ends a subsentence;
+    the three byte pieces of '。' decode to U+FFFD alone and do not."""
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "<0x2E>": 3, "<0xE3>": 4, "<0x80>": 5, "<0x82>": 6}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    assert tok.encode("a.b").tokens == ["a", "<0x2E>", "b"]
+    np.testing.assert_array_equal(segments.ends_table(tok),
+                                  [False, False, False, True, False, False, False])
+
+
 @pytest.mark.parametrize("min_tokens", [1, 2, 3])
 @pytest.mark.parametrize("guard", [False, True])
 def test_segment_ids_match_loop_reference(min_tokens, guard):
