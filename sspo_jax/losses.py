@@ -43,6 +43,9 @@ class LossConfig:
     min_subsentence_tokens: int = 1
 
     def __post_init__(self):
+        if isinstance(self.delimiters, list):  # from a config file; a tuple keeps it hashable
+            object.__setattr__(self, "delimiters", tuple(self.delimiters))
+
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"LossConfig: {msg}")
@@ -175,6 +178,9 @@ def clip_bounds(cfg: LossConfig, mask, seg, entropy):
     whole rollout batch, before splitting it, so the result does not depend on the split.
     """
     mask = jnp.asarray(mask).astype(bool)
+    if mask.ndim != 2 or jnp.shape(seg) != mask.shape or jnp.shape(entropy) != mask.shape:
+        raise ValueError(f"mask, seg and entropy must all be [B, T], got {mask.shape}, "
+                         f"{jnp.shape(seg)} and {jnp.shape(entropy)}")
     B, T = mask.shape
     seg = rebase_segments(seg)
     dtype = jnp.result_type(jnp.asarray(entropy).dtype, jnp.float32)

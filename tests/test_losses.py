@@ -166,6 +166,9 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="adv must be"):
         losses.policy_loss(losses.preset("grpo"), b["logp"], b["old_logp"], b["adv"][:3],
                            b["mask"], seg, 0.2, 0.2)
+    with pytest.raises(ValueError, match="seg and entropy"):
+        losses.clip_bounds(losses.preset("sspo"), b["mask"], seg, b["entropy"][:, :3])
+    assert losses.preset("sspo", delimiters=[".", "\n"]).delimiters == (".", "\n")
     assert losses.preset("sspo", eps_high=3e-3).eps_high == 3e-3
     assert dataclasses.replace(losses.preset("gspo"), eps_low=1e-4).level == "sequence"
 
