@@ -128,6 +128,50 @@ def policy_loss(cfg, logp, old_logp, adv, mask, seg, lo, hi, num_tokens=None, nu
     return loss, grad
 
 
+
+def metrics(cfg, logp, old_logp, adv, mask, seg, lo, hi, entropy):
+    """The spec's per-step loss metrics, by loops: {name: value}."""
+    B, T = mask.shape
+    lo = np.broadcast_to(np.asarray(lo, float), (B, T))
+    hi = np.broadcast_to(np.asarray(hi, float), (B, T))
+    c = cfg.log_ratio_clamp
+    kinds = ("low", "high", "total") + (("dual",) if cfg.dual_clip is not None else ())
+    counts = {f"{k}/{u}": 0 for k in kinds for u in ("token", "subsentence", "response")}
+    ratios, neg_d, ents = [], [], []
+    n_tokens = n_subs = n_resp = 0
+    for i in range(B):
+        flags_by_token = {}
+        for ts in _units(cfg.level, seg[i], mask[i]).values():
+            ds = [min(max(float(logp[i, t]) - float(old_logp[i, t]), -c), c) for t in ts]
+            w = math.exp(sum(ds) / len(ds))
+            for t, d in zip(ts, ds):
+                low = adv[i] < 0 and w < 1 - lo[i, t]
+                high = adv[i] > 0 and w > 1 + hi[i, t]
+                dual = cfg.dual_clip is not None and adv[i] < 0 and w > cfg.dual_clip
+                flags_by_token[t] = {"low": low, "high": high, "total": low or high, "dual": dual}
+                ratios.append(w)
+                neg_d.append(-d)
+                ents.append(float(entropy[i, t]))
+        if not flags_by_token:
+            continue
+        n_resp += 1
+        n_tokens += len(flags_by_token)
+        subs = _units("subsentence", seg[i], mask[i]).values()
+        n_subs += len(subs)
+        for k in kinds:
+            counts[f"{k}/token"] += sum(f[k] for f in flags_by_token.values())
+            counts[f"{k}/subsentence"] += sum(any(flags_by_token[t][k] for t in ts) for ts in subs)
+            counts[f"{k}/response"] += any(f[k] for f in flags_by_token.values())
+    out = {}
+    for key, n in counts.items():
+        kind, unit = key.split("/")
+        den = {"token": n_tokens, "subsentence": n_subs, "response": n_resp}[unit]
+        out[f"clip_frac_{kind}/{unit}"] = n / den if den else 0.0
+    out.update(ratio_mean=sum(ratios) / len(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+               approx_kl=sum(neg_d) / len(neg_d), entropy_mean=sum(ents) / len(ents),
+               subsentences_per_response=n_subs / n_resp, tokens_per_subsentence=n_tokens / n_subs)
+    return out
+
 # ---- random inputs shared by the loss tests (data, not math) ----
 ENDS = np.array([False, True, True, False, False, False, False, False, False, False])  # V = 10
 EOS = 9

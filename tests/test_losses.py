@@ -68,6 +68,22 @@ def test_reference_batch_hits_every_branch():
     assert final["clip_frac_total/token"] < 1
 
 
+@pytest.mark.parametrize("name", ["grpo+dual_clip", "gspo", "sspo"])
+def test_metrics_match_reference(name):
+    cfg, b = VARIANTS[name], ref.random_batch(1)
+    seg_ref = ref.subsentences(b["tokens"], b["mask"], ref.ENDS)
+    with jax.enable_x64(True):
+        seg = segments.segment_ids(b["tokens"], b["mask"], ref.ENDS)
+        lo, hi = losses.clip_bounds(cfg, b["mask"], seg, jnp.asarray(b["entropy"]))
+        _, _, metrics = jax_loss_and_grad(cfg, b, seg, lo, hi)
+    got = losses.finalize_metrics(metrics)
+    want = ref.metrics(cfg, b["logp"], b["old_logp"], b["adv"], b["mask"], seg_ref,
+                       *ref.clip_bounds(cfg, b["mask"], seg_ref, b["entropy"]), b["entropy"])
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    assert 0 < want["clip_frac_total/token"] < 1 and 0 < want["clip_frac_total/subsentence"]
+
+
 def _loss_grad(cfg, b, seg, lo=None, hi=None):
     lo = cfg.eps_low if lo is None else lo
     hi = cfg.eps_high if hi is None else hi
