@@ -52,6 +52,16 @@ def test_constrain_is_a_noop_without_a_mesh():
     assert S.constrain(x, ("batch", "seq")) is x
 
 
+def test_constrain_uses_the_given_or_the_context_mesh():
+    mesh = S.make_mesh(fsdp=2, tensor=4)
+    x = jnp.ones((4, 3, 8))
+    given = jax.jit(lambda a: S.constrain(a * 2, ("batch", "seq", "vocab"), mesh))(x)
+    with jax.set_mesh(mesh):
+        context = jax.jit(lambda a: S.constrain(a * 2, ("batch", "seq", "vocab")))(x)
+    for y in (given, context):
+        assert y.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("fsdp", None, "tensor")), 3)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("shard")
