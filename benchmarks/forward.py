@@ -4,7 +4,8 @@
 
 Builds a ~5M and a ~40M parameter random Qwen2 with transformers, loads the same checkpoint with
 sspo_jax.model.from_pretrained, and times both on the same batch in one run (float32, CPU).
-Compile time is excluded from the JAX median and reported on its own. Prints a Markdown table.
+Compile time is excluded from the JAX median and reported on its own; repetitions of the two
+alternate, and each side's median is reported. Prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -30,13 +31,10 @@ SIZES = {
 }
 
 
-def _median_seconds(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench(name: str, overrides: dict, batch: int, seq: int, reps: int) -> dict:
@@ -58,13 +56,15 @@ def bench(name: str, overrides: dict, batch: int, seq: int, reps: int) -> dict:
     start = time.perf_counter()
     jax_logits = jax.block_until_ready(forward(model, ids_j, mask_j))
     compile_s = time.perf_counter() - start
-    jax_s = _median_seconds(lambda: jax.block_until_ready(forward(model, ids_j, mask_j)), reps)
-
     ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
     pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    jax_times, torch_times = [], []
     with torch.no_grad():
-        torch_logits = ref(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t).logits.numpy()
-        torch_s = _median_seconds(lambda: ref(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t), reps)
+        torch_logits = ref(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t).logits.numpy()  # warm-up
+        for _ in range(reps):  # interleaved, so a burst of load on the shared machine hits both
+            jax_times.append(_timed(lambda: jax.block_until_ready(forward(model, ids_j, mask_j))))
+            torch_times.append(_timed(lambda: ref(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t)))
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
     diff = float(np.abs(np.asarray(jax_logits) - torch_logits)[mask.astype(bool)].max())
     params = sum(p.numel() for p in ref.parameters())
     return dict(name=name, params=params, compile_s=compile_s, jax_ms=jax_s * 1e3, torch_ms=torch_s * 1e3,
