@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (lets safetensors' numpy reader return bfloat16)
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
