@@ -144,3 +144,19 @@ def test_unknown_remat_policy_is_rejected():
                         num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     with pytest.raises(ValueError, match="remat='sometimes'"):
         M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), remat="sometimes")
+
+
+def test_layers_compile_as_one_scanned_body():
+    """The traced program has the same size for 2 and 28 layers: one scan over stacked layers."""
+    def program(num_layers):
+        cfg = M.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        abstract = nnx.eval_shape(lambda: M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        ids = jax.ShapeDtypeStruct((2, 5), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i))(state, ids).jaxpr
+        scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        return len(jaxpr.eqns), [e.params["length"] for e in scans]
+
+    assert program(2)[1] == [2] and program(28)[1] == [28]
+    assert program(2)[0] == program(28)[0]
