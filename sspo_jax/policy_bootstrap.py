@@ -19,19 +19,14 @@ def build_policy(config):
     own synthetic-task tokenizer (the CPU demo)."""
     m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
     if m.hf_dir:
-        from transformers import AutoTokenizer
         hf_dir = _local_checkpoint(m.hf_dir)
-        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_dir or hf_dir)
+        tokenizer = load_tokenizer(m.tokenizer_dir or hf_dir)
         model = model_lib.from_pretrained(hf_dir, dtype=dtype, param_dtype=param_dtype,
                                           remat=m.remat)
         return tokenizer, model
-    if m.tokenizer_dir:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_dir)
-    else:
-        from sspo_jax.data.tokenizer import build_tokenizer
-        tokenizer = build_tokenizer()
+    tokenizer = load_tokenizer(m.tokenizer_dir) if m.tokenizer_dir else build_tokenizer()
     tiny = dict(m.tiny)
     heads = tiny["num_attention_heads"]
     cfg = model_lib.Qwen2Config(vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // heads,
@@ -39,6 +34,32 @@ def build_policy(config):
     model = model_lib.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(config.seed), dtype=dtype,
                                        param_dtype=param_dtype, remat=m.remat)
     return tokenizer, model
+
+
+def optimizer_from_config(config):
+    """The run's optax optimizer (its state tree is part of every checkpoint)."""
+    from sspo_jax.policy_update import make_optimizer
+    o, t = config.optimizer, config.train
+    return make_optimizer(o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
+                          total_steps=config.steps * t.ppo_mini_batches * t.ppo_epochs,
+                          weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                          grad_clip=o.grad_clip)
+
+
+def restore_params(config, model, checkpoint_dir: str, step: int | None = None) -> int:
+    """Loads the policy parameters of a training checkpoint into `model`; returns the step."""
+    from sspo_jax.checkpoint import Checkpointer
+    ckpt = Checkpointer(checkpoint_dir, save_every=1)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: train first, or evaluate a "
+                                f"Hugging Face directory with --config.model.hf_dir")
+    _, params = nnx.split(model)
+    opt_state = optimizer_from_config(config).init(params)
+    state, _ = ckpt.restore({"params": params, "opt_state": opt_state}, step=step)
+    nnx.update(model, state["params"])
+    ckpt.close()
+    return step
 
 
 def _local_checkpoint(name: str) -> str:

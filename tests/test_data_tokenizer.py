@@ -58,3 +58,19 @@ def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path):
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.get_vocab() == tokenizer.get_vocab()
     assert (loaded.eos_token_id, loaded.pad_token_id, loaded.padding_side) == (2, 3, "left")
+
+
+def test_load_tokenizer_beside_a_qwen2_config_keeps_the_saved_tokenizer(tmp_path):
+    """transformers 5's AutoTokenizer would rebuild it as Qwen2Tokenizer (other token ids)."""
+    import json
+
+    from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, f)
+    loaded = load_tokenizer(tmp_path)
+    text = "Anna has 8 eggs. Anna finds 9 more.\n<|im_end|>"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)

@@ -69,3 +69,30 @@ def build_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
         model_max_length=model_max_length, chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+# Tokenizers saved from a plain `tokenizers` object record one of these classes.
+_PLAIN_BACKEND_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path):
+    """A saved Hugging Face tokenizer, loaded as it was saved.
+
+    `AutoTokenizer` is right for real checkpoints (Qwen's `tokenizer_config.json` names
+    `Qwen2Tokenizer`). But for a tokenizer saved from a plain `tokenizers` object (such as
+    `build_tokenizer()`'s) in a directory whose `config.json` says `model_type: qwen2`,
+    transformers 5 builds the model type's tokenizer class instead, which replaces the saved
+    pre-tokenizer, normalizer and decoder and silently changes every token id. Such tokenizers are
+    therefore loaded through the plain fast-tokenizer class.
+    """
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    config_path = os.path.join(os.fspath(path), "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            if json.load(f).get("tokenizer_class") in _PLAIN_BACKEND_CLASSES:
+                return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
