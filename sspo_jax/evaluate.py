@@ -1,14 +1,22 @@
-"""Accuracy of a policy on a set of problems: greedy pass@1, or avg@k / pass@k when sampling.
+"""Accuracy of a policy on benchmarks: greedy pass@1, and avg@k / pass@k when sampling.
 
-The same prompt pipeline, sampler and grader as training, so an evaluation number and a
-training reward mean the same thing.
+    python -m sspo_jax.evaluate --config=configs/FILE.py --workdir=DIR [--step=N]
+
+evaluates the newest checkpoint in DIR/checkpoints (or, when there is none, the configured
+Hugging Face model `model.hf_dir`) on `eval.benchmarks` (default: the synthetic held-out split)
+and writes DIR/eval/<benchmark>.json (every response, extracted answer, score, reason),
+DIR/eval/summary.md and DIR/eval/summary.json. The same prompt pipeline, sampler and grader as
+training, so an evaluation number and a training reward mean the same thing.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from sspo_jax import rewards as rewards_lib
 from sspo_jax import sampling
@@ -36,12 +44,13 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, template: str, max_
     rng = jax.random.key(0) if rng is None else rng
     records, all_results = [], []
     for i, batch in enumerate(pipe.iterator()):
-        out = sampling.generate(model, batch["prompt_ids"], batch["prompt_mask"],
+        valid = np.asarray(batch["row_valid"])
+        ids, mask = _fill_padding_rows(batch["prompt_ids"], batch["prompt_mask"], valid)
+        out = sampling.generate(model, ids, mask,
                                 jax.random.fold_in(rng, i), num_samples=num_samples,
                                 max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
         texts = decode_responses(tokenizer, out.tokens, out.mask)
-        valid = np.asarray(batch["row_valid"])
         golds = [a for a, ok in zip(batch["answer"], valid) for _ in range(num_samples) if ok]
         kept = [t for j, t in enumerate(texts) if valid[j // num_samples]]
         results = grader.grade(kept, golds, timeout=timeout)
@@ -66,8 +75,102 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, template: str, max_
     return summary, records
 
 
+def _fill_padding_rows(ids, mask, valid):
+    """The last batch of a pass is padded with empty rows; the sampler needs a real prompt in
+    every row, so padding rows repeat the first real one (their outputs are discarded)."""
+    if valid.all():
+        return ids, mask
+    first = int(np.flatnonzero(valid)[0])
+    ids, mask = np.array(ids), np.array(mask)
+    ids[~valid], mask[~valid] = ids[first], mask[first]
+    return ids, mask
+
+
 def decode_responses(tokenizer, tokens, mask) -> list[str]:
     """Response texts: each row's masked tokens, without the EOS and special tokens."""
     tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
     return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask)],
                                   skip_special_tokens=True)
+
+
+def load_eval_rows(config, name: str) -> list[dict]:
+    """Rows of benchmark `name`; `synthetic` is the synthetic task's held-out split."""
+    if name == "synthetic":
+        from sspo_jax.data import synthetic
+        return synthetic.generate(config.eval.num_prompts, split="test",
+                                  levels=tuple(config.data.synthetic_levels), seed=config.seed + 1)
+    from sspo_jax.data.benchmarks import load_benchmark
+    return load_benchmark(name, config.eval.data_dir)
+
+
+def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
+    """Evaluates the policy of `workdir` (or `model.hf_dir`); writes and returns the summary."""
+    from sspo_jax import metrics as metrics_lib
+    from sspo_jax.data.benchmarks import FIVE_BENCHMARKS
+    from sspo_jax.policy_bootstrap import build_policy, restore_params
+
+    e = config.eval
+    tokenizer, model = build_policy(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    source = config.model.hf_dir or "a random model"
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        source = f"checkpoint step {restore_params(config, model, ckpt_dir, step)} in {ckpt_dir}"
+    elif step is not None:
+        raise FileNotFoundError(f"--step={step} given but {ckpt_dir} holds no checkpoint")
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    summaries = {}
+    with rewards_lib.Grader() as grader:
+        for name in (e.benchmarks or ("synthetic",)):
+            rows = load_eval_rows(config, name)
+            common = dict(template=config.data.template, max_prompt_len=config.data.max_prompt_len,
+                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, grader=grader,
+                          timeout=config.rollout.grading_timeout)
+            greedy, records = evaluate_rows(model, tokenizer, rows, **common)
+            result = {"benchmark": name, "policy": source, "greedy": greedy, "records": records}
+            if e.num_samples > 1:
+                sampled, sampled_records = evaluate_rows(
+                    model, tokenizer, rows, **common, temperature=e.temperature,
+                    num_samples=e.num_samples, top_p=e.top_p, rng=jax.random.key(config.seed))
+                result.update(sampled=sampled, sampled_records=sampled_records)
+            with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            summaries[name] = {"pass@1": greedy["accuracy"], "problems": greedy["problems"],
+                               "no_answer": greedy.get("reason/no_answer", 0)}
+            if e.num_samples > 1:
+                summaries[name][f"avg@{e.num_samples}"] = result["sampled"]["accuracy"]
+                summaries[name][f"pass@{e.num_samples}"] = result["sampled"][f"pass@{e.num_samples}"]
+    five = [summaries[b]["pass@1"] for b in FIVE_BENCHMARKS if b in summaries]
+    summary = {"policy": source, "benchmarks": summaries,
+               "five_benchmark_average": sum(five) / len(five) if len(five) == 5 else None}
+    keys = sorted({k for s in summaries.values() for k in s})
+    table_rows = [[name, *[s.get(k, "") for k in keys]] for name, s in summaries.items()]
+    if summary["five_benchmark_average"] is not None:
+        table_rows.append(["average (5 benchmarks)", *[summary["five_benchmark_average"]
+                                                       if k == "pass@1" else "" for k in keys]])
+    table = metrics_lib.markdown_table(["benchmark", *keys], table_rows)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(f"# Evaluation of {source}\n\n{table}\n")
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(table, flush=True)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sspo_jax import run_config
+    config = _CONFIG.value
+    run_config.validate(config)
+    run_evaluation(config, _WORKDIR.value, _STEP.value)
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
+        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory holding checkpoints/.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: newest).")
+    app.run(main)

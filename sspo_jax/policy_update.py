@@ -91,6 +91,7 @@ def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
     prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
     logp, entropy = response_logprobs(model, batch.tokens, batch.attention_mask, prompt_len,
                                       settings.temperature, settings.logprob_chunk)
+    # batch.seg holds rollout-batch ids of sliced rows; policy_loss rebases them to this slice.
     return losses.policy_loss(settings.loss, logp, batch.old_logp, batch.adv, batch.response_mask,
                               batch.seg, batch.eps_low, batch.eps_high, num_tokens,
                               num_seqs=num_seqs, ref_logp=batch.ref_logp,

@@ -92,7 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
         num_prompts=256,
         max_new_tokens=64,
         benchmarks=(),                 # benchmark names for real runs; () = held-out split
-        data_dir="",
+        data_dir="",                   # where the benchmark files are (see docs/data.md)
+        num_samples=1,                 # k > 1 adds avg@k / pass@k at `temperature` to greedy pass@1
+        temperature=0.6,
+        top_p=0.95,
+        batch_size=32,
     ))
     c.warm_start = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, batch_size=32, examples=4000))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -24,7 +24,8 @@ from sspo_jax import checkpoint as ckpt_lib
 from sspo_jax import evaluate, metrics as metrics_lib, policy_update, rollout, run_config, sampling
 from sspo_jax import rewards as rewards_lib
 from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
-from sspo_jax.policy_bootstrap import build_policy, load_task, write_run_info
+from sspo_jax.policy_bootstrap import (build_policy, load_task, optimizer_from_config,
+                                       write_run_info)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
@@ -50,12 +51,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     pipeline = _train_pipeline(config, tokenizer, train_rows)
     data_iter = pipeline.iterator()
     r, t = config.rollout, config.train
-    optimizer = policy_update.make_optimizer(
-        config.optimizer.lr, schedule=config.optimizer.schedule,
-        warmup_steps=config.optimizer.warmup_steps,
-        total_steps=config.steps * t.ppo_mini_batches * t.ppo_epochs,
-        weight_decay=config.optimizer.weight_decay, b1=config.optimizer.b1, b2=config.optimizer.b2,
-        eps=config.optimizer.eps, grad_clip=config.optimizer.grad_clip)
+    optimizer = optimizer_from_config(config)
     settings = policy_update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
                                             micro_batch_size=t.micro_batch_size,
                                             logprob_chunk=t.logprob_chunk)

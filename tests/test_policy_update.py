@@ -152,3 +152,25 @@ def test_optimizer_schedules():
     assert float(jnp.abs(upd["w"]).max()) == 0.0  # warmup starts at lr 0
     with pytest.raises(ValueError, match="schedule 'linear'"):
         PU.make_optimizer(1e-3, schedule="linear")
+
+
+def test_rows_sliced_from_a_batch_keep_their_subsentences(tmp_path):
+    """Mini-batches are row slices of the rollout batch: their segment ids must be rebased, or
+    segment_sum (num_segments = slice rows x T) would silently drop the later rows' segments."""
+    from sspo_jax import segments
+    hf = tiny_hf.make_qwen2(tmp_path / "hf", seed=5)
+    tokens, attn, resp_mask, old, adv = _batch(hf, tiny_hf.BASE["vocab_size"], seed=5)
+    full = _jax_batch(tokens, attn, resp_mask, old, adv, 0.2)
+    table = np.zeros(tiny_hf.BASE["vocab_size"], bool)
+    table[::3] = True  # every third token id ends a subsentence
+    full = full.replace(seg=segments.segment_ids(full.tokens[:, P:], full.response_mask, table))
+    tail = full.rows(np.arange(4, 8))
+    fresh = tail.replace(seg=segments.segment_ids(tail.tokens[:, P:], tail.response_mask, table))
+    model = M.from_pretrained(tmp_path / "hf")
+    settings = PU.UpdateSettings(loss=losses.preset("sspo"), temperature=1.0, micro_batch_size=4,
+                                 logprob_chunk=8)
+    loss_sliced, _, g_sliced = _grads(model, tail, settings)
+    loss_fresh, _, g_fresh = _grads(model, fresh, settings)
+    assert loss_sliced == loss_fresh
+    for a, b in zip(jax.tree.leaves(g_sliced), jax.tree.leaves(g_fresh)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
