@@ -1,0 +1,153 @@
+"""Sampler throughput: `sspo_jax.sampling.generate` against `transformers` `generate`, same run.
+
+Both sides get the same random Qwen2 weights (built by transformers, saved, loaded by sspo_jax),
+the same prompts (batch x prompt_len real tokens, no padding), greedy decoding, and exactly
+`max_new_tokens` new tokens (no EOS: `eos_ids=()` here, `eos_token_id=None` and
+`min_new_tokens=max_new_tokens` there). Times cover a whole generate call (prefill + decode);
+throughput is new tokens per second. JAX's first call (trace + compile + run) is reported
+separately as compile time; after one warm-up call per side, `--reps` interleaved timed calls,
+minimum kept. The peer uses the SDPA attention path and a KV cache (transformers' defaults), and
+is timed at 1 torch thread and at all cores; the faster is reported.
+
+With `--peak-gbs B` the table adds the fraction of the memory-bandwidth roofline of one decode
+step: (bytes of all weights + bytes of the KV cache read at the mean context) / step time / B.
+The step time is (generate time - prefill time) / (max_new_tokens - 1), prefill timed on its own.
+
+    python benchmarks/sampling.py                        # CPU: ~5M and ~40M configs
+    python benchmarks/sampling.py --sizes 1.5b --peak-gbs 3350 --dtype bfloat16 --no-hf   # GPU
+"""
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from sspo_jax import model as M
+from sspo_jax import sampling
+
+# Qwen2 shapes; embeddings tied as in the small Qwen2.5 models.
+SIZES = {
+    "5m": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=5,
+               num_attention_heads=4, num_key_value_heads=2),
+    "40m": dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
+                num_attention_heads=8, num_key_value_heads=2),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2),
+}
+DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
+
+
+def build(size: str, out_dir: str, torch_dtype):
+    config = transformers.Qwen2Config(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=4096,
+                                      rope_theta=10000.0, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).to(torch_dtype).eval()
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    return hf, sum(p.numel() for p in hf.parameters())
+
+
+def timed(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def roofline_bytes(cfg: M.Qwen2Config, n_params: int, dtype_bytes: int, batch: int, prompt_len: int,
+                   new: int) -> float:
+    """Bytes one decode step must read: every weight once, plus K and V at the mean context length."""
+    mean_context = prompt_len + new / 2
+    kv = 2 * cfg.num_hidden_layers * batch * mean_context * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+    return n_params * dtype_bytes + kv
+
+
+def run_size(size, args, jdtype, tdtype):
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, n_params = build(size, tmp, tdtype)
+        model = M.from_pretrained(tmp, dtype=jdtype)
+    vocab, b, p, n = SIZES[size]["vocab_size"], args.batch, args.prompt_len, args.new_tokens
+    ids = np.random.default_rng(0).integers(1, vocab, (b, p)).astype(np.int32)
+    mask = np.ones_like(ids)
+    key = jax.random.key(0)
+
+    def ours(new=n):
+        out = sampling.generate(model, ids, mask, key, max_new_tokens=new, temperature=0.0, eos_ids=(), pad_id=0)
+        return jax.block_until_ready(out)
+
+    t0 = time.perf_counter()
+    first = ours()
+    compile_s = time.perf_counter() - t0
+    assert int(np.asarray(first.lengths).min()) == n  # really produced every token
+    t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+
+    def theirs(threads):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            out = hf.generate(t_ids, attention_mask=t_mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert out.shape[1] == p + n
+
+    compile_s -= timed(ours, 1)  # first call minus a warm call
+    # torch at 1 thread and at all cores: on a busy machine its spinning threads can lose 5x.
+    thread_counts = sorted({1, os.cpu_count()}) if args.hf else []
+    for threads in thread_counts:
+        theirs(threads)  # warm-up
+    t_ours, t_theirs = float("inf"), {k: float("inf") for k in thread_counts}
+    for _ in range(args.reps):  # interleaved, so both sides see the same machine load
+        t_ours = min(t_ours, timed(ours, 1))
+        for threads in thread_counts:
+            t_theirs[threads] = min(t_theirs[threads], timed(lambda: theirs(threads), 1))
+    best = min(t_theirs, key=t_theirs.get) if args.hf else None
+    row = dict(size=size, params=n_params, ours_s=t_ours, ours_tps=b * n / t_ours, compile_s=compile_s,
+               hf_s=t_theirs[best] if args.hf else None, hf_tps=b * n / t_theirs[best] if args.hf else None,
+               hf_threads=best)
+    if args.peak_gbs:
+        ours(1)  # compile the prefill-only program (one new token)
+        step = (t_ours - timed(lambda: ours(1), args.reps)) / (n - 1)
+        nbytes = roofline_bytes(model.config, n_params, jnp.dtype(jdtype).itemsize, b, p, n)
+        row.update(step_ms=step * 1e3, roofline=nbytes / step / (args.peak_gbs * 1e9))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="5m,40m", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--peak-gbs", type=float, default=0.0,
+                        help="peak memory bandwidth in GB/s; adds the roofline fraction")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers peer")
+    args = parser.parse_args()
+    jdtype, tdtype = DTYPES[args.dtype]
+
+    rows = [run_size(size, args, jdtype, tdtype) for size in args.sizes.split(",")]
+    print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+          f"{platform.processor() or platform.machine()}; batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {args.dtype}, greedy, min of {args.reps} reps\n")
+    head = "| config | params | sspo_jax s | sspo_jax new tok/s | transformers s (threads) | transformers new tok/s | speed-up | compile s |"
+    extra = " decode step ms | roofline |" if args.peak_gbs else ""
+    print(head + extra)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if extra else ""))
+    for r in rows:
+        hf = (f"{r['hf_s']:.3f} ({r['hf_threads']}) | {r['hf_tps']:.0f} | {r['ours_tps'] / r['hf_tps']:.2f}x" if r["hf_s"]
+              else "- | - | -")
+        line = (f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['ours_s']:.3f} | {r['ours_tps']:.0f} | {hf} | "
+                f"{r['compile_s']:.1f} |")
+        if args.peak_gbs:
+            line += f" {r['step_ms']:.2f} | {100 * r['roofline']:.1f}% |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
