@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from flax import nnx
 
 import tiny_hf
