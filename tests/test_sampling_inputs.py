@@ -11,12 +11,16 @@ CFG = M.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hid
                     num_key_value_heads=2, head_dim=8, max_position_embeddings=40)
 
 
-@pytest.fixture(scope="module")
-def model():
+def random_model(seed):
     # Random weights filled in from NumPy: eager NNX init compiles one RNG program per parameter.
     graphdef, shapes = nnx.split(nnx.eval_shape(lambda: M.Qwen2ForCausalLM(CFG, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     return nnx.merge(graphdef, jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(0)
 
 
 def prompts(lengths, width=None):
@@ -80,6 +84,17 @@ def test_out_of_vocab_ids_under_the_padding_are_ignored(model):
     dirty = sampling.generate(model, ids, mask, jax.random.key(0), **kw)
     for a, b in zip(clean, dirty):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_new_weights_reuse_the_compiled_program(model):
+    """Parameters are arguments of the program, not constants: a policy update does not recompile."""
+    ids, mask = prompts([2, 4])
+    kw = {**GOOD, "max_new_tokens": 2}
+    first = sampling.generate(model, ids, mask, jax.random.key(0), **kw)
+    count = sampling.compile_count()
+    second = sampling.generate(random_model(1), ids, mask, jax.random.key(0), **kw)
+    assert sampling.compile_count() == count
+    assert not np.allclose(np.asarray(first.logprobs), np.asarray(second.logprobs))
 
 
 @pytest.mark.parametrize("n,bucket", [(1, 16), (16, 16), (17, 32), (100, 128), (512, 512), (513, 1024),
