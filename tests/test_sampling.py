@@ -9,6 +9,7 @@ from flax import nnx
 import tiny_hf
 from sspo_jax import model as M
 from sspo_jax import sampling
+from sspo_jax.logprobs import token_logprobs_and_entropy
 
 VOCAB = tiny_hf.BASE["vocab_size"]
 LENGTHS = [5, 9, 3, 12]  # left padded to 12 in one batch
@@ -129,6 +130,27 @@ def test_logprobs_equal_full_forward_recomputation(models, batch, greedy_eos, sa
     logp_t, ent_t = response_logprobs(hf_logits(hf, full_ids, full_mask), tokens, p, temperature)
     np.testing.assert_allclose(np.asarray(out.logprobs)[on], logp_t[on], atol=2e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(out.entropy)[on], ent_t[on], atol=2e-4, rtol=0)
+
+
+def test_sampled_logprobs_equal_the_trainers_chunked_recomputation(models, batch, sampled):
+    """Old-policy logprobs can come from the sampler: sspo_jax.logprobs gives the same within 1e-5."""
+    _, m = models
+    ids, mask = batch
+    n = SAMPLED["num_samples"]
+    tokens, resp_mask = np.asarray(sampled.tokens), np.asarray(sampled.mask)
+    full_ids = jnp.asarray(np.concatenate([np.repeat(ids.numpy(), n, 0), tokens], 1))
+    full_mask = jnp.asarray(np.concatenate([np.repeat(mask.numpy(), n, 0), resp_mask], 1))
+
+    @nnx.jit
+    def trainer_view(m, full_ids, full_mask):
+        hidden = m.hidden_states(full_ids, attention_mask=full_mask)
+        return token_logprobs_and_entropy(hidden[:, :-1], m.lm_head_weight(), full_ids[:, 1:],
+                                          SAMPLED["temperature"], chunk=8)
+
+    logp, ent = (np.asarray(a)[:, ids.shape[1] - 1:] for a in trainer_view(m, full_ids, full_mask))
+    on = resp_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(sampled.logprobs)[on], logp[on], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(sampled.entropy)[on], ent[on], atol=1e-5, rtol=0)
 
 
 def test_sampled_tokens_lie_in_the_top_k_top_p_set(models, batch, sampled):
