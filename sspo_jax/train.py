@@ -33,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
 
 CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", ".3f"),
-                ("clip_frac_tok", "clip tok", ".4f"), ("entropy_mean", "entropy", ".3f"),
+                ("clip_frac_total/token", "clip", ".4f"), ("entropy_mean", "entropy", ".3f"),
                 ("response/length_mean", "len", ".1f"), ("tokens_per_s", "tok/s", ".0f"))
 
 
@@ -72,7 +72,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         params, opt_state = state["params"], state["opt_state"]
         data_iter.set_state(meta["data"])
         counters = meta["counters"]
-        logging.info("resumed from the checkpoint of step %d in %s", start, checkpoints.directory)
+        print(f"resumed from the checkpoint of step {start} in {checkpoints.directory}", flush=True)
     else:
         start = 0
         if config.warm_start.steps:
@@ -236,6 +236,8 @@ def _console(step, total, row, started, first_step):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

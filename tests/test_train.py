@@ -71,7 +71,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     rerun = subprocess.run(_cli(killed_dir), cwd=repo, env=env, capture_output=True, text=True,
                            timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from the checkpoint of step" in rerun.stderr
+    assert "resumed from the checkpoint of step" in rerun.stdout
     resumed = metrics_lib.read_jsonl(jsonl)
     assert _comparable(resumed) == _comparable(reference)
 
