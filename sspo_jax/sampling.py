@@ -10,7 +10,7 @@ softmax(logits)), whatever top-k / top-p allow to be drawn: see `sspo_jax.sampli
 This is what the trainer recomputes from a forward pass over prompt + response.
 
 The model follows the contract in docs/design.md (`m(ids, attention_mask=, cache=)`,
-`m.init_cache(batch, max_len)`, KVCache with k, v [L, B, S, Hkv, Dh], mask [B, S], index []).
+`m.init_cache(batch, max_len)`, KVCache with k, v [L, B, Hkv, S, Dh], mask [B, S], index []).
 """
 from __future__ import annotations
 

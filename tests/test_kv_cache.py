@@ -31,7 +31,7 @@ def _prompt():
 def test_init_cache_follows_the_contract(model):
     cache = model.init_cache(3, 16)
     cfg = model.config
-    assert cache.k.shape == cache.v.shape == (cfg.num_hidden_layers, 3, 16, cfg.num_key_value_heads, cfg.head_dim)
+    assert cache.k.shape == cache.v.shape == (cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 16, cfg.head_dim)
     assert cache.k.dtype == jnp.float32
     assert cache.mask.shape == (3, 16) and cache.mask.dtype == jnp.bool_ and not cache.mask.any()
     assert cache.index.dtype == jnp.int32 and int(cache.index) == 0

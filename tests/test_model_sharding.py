@@ -120,6 +120,6 @@ def test_shard_model_then_cached_decode_equals_unsharded(ckpt):
         logits, cache = cached(m, ids[:, -1:], jnp.ones_like(ids[:, -1:]), cache)
         outs.append(np.asarray(logits))
     want = S.named_sharding(mesh, M.cache.KV_AXES, cache.k.shape)
-    assert want.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert want.spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [L, B, Hkv, S, Dh]
     assert cache.k.sharding.is_equivalent_to(want, cache.k.ndim)
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=0)

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 from flax import struct
 
 # Logical axes of the cache arrays, for sharding (see sspo_jax.sharding.LOGICAL_RULES).
-KV_AXES = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
+KV_AXES = ("layers", "batch", "kv_heads", "kv_seq", "head_dim")
 MASK_AXES = ("batch", "kv_seq")
 
 
 @struct.dataclass
 class KVCache:
-    """k, v: [L, B, S, Hkv, Dh]; mask: [B, S] bool (slot holds a real token);
+    """k, v: [L, B, Hkv, S, Dh] (heads before slots: the layout attention reads without a
+    transpose); mask: [B, S] bool (slot holds a real token);
     index: int32[] (next slot to write, shared by all rows since rows are left padded)."""
     k: jax.Array
     v: jax.Array
@@ -21,13 +22,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> KVCache:
     """An empty cache: zeros, nothing masked in, index 0."""
-    shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+    shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),

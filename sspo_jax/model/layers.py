@@ -40,28 +40,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
     """Grouped-query attention without copying k/v per query head.
 
-    q: [B, T, Nq, D]; k, v: [B, S, Hkv, D]; visible: [B, T, S] bool. Returns [B, T, Nq, D].
+    q: [B, T, Nq, D]; k, v: [B, Hkv, S, D] (heads before slots: the dot's batch dims lead, so
+    XLA needs no transpose of the cache); visible: [B, T, S] bool. Returns [B, T, Nq, D].
     Query head n uses kv head n // (Nq // Hkv), as in HF's repeat_kv.
     """
     b, t, nq, d = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     qg = q.reshape(b, t, hkv, nq // hkv, d)  # [B, T, Hkv, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, t, nq, d)
 
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  visible: jax.Array, kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
-                  *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float, dtype: Any,
+                  visible: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
+                  slot: tuple[jax.Array, jax.Array] | None, *, num_heads: int, num_kv_heads: int,
+                  head_dim: int, eps: float, dtype: Any,
                   mesh: Mesh | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis).
 
-    Without a cache (kv None) the keys are this call's T tokens. With a cache, kv = (k, v) each
-    [B, S, Hkv, D]: the T new keys are written at slots [index, index + T) and the updated pair
-    is returned.
+    Without a cache (kv None) the keys are this call's T tokens. With a cache, kv = (k, v) are
+    ALL layers' caches, each [L, B, Hkv, S, D], and slot = (layer, index): the T new keys are
+    written at [layer, :, :, index:index + T] and the updated pair is returned. Only those T slots
+    change, so XLA updates the (carried) buffers in place instead of copying the cache.
     """
     b, t, _ = x.shape
     w = {name: a.astype(dtype) for name, a in p.items()}
@@ -74,13 +77,17 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     k = constrain(k, ("batch", "seq", "kv_heads"), mesh).reshape(b, t, num_kv_heads, head_dim)
     val = val.reshape(b, t, num_kv_heads, head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, val = jnp.swapaxes(k, 1, 2), jnp.swapaxes(val, 1, 2)  # [B, Hkv, T, D]
 
     new_kv = None
     if kv is not None:
-        k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(kv[1], val.astype(kv[1].dtype), (0, index, 0, 0))
-        new_kv = (k_cache, v_cache)
-        k, val = k_cache.astype(dtype), v_cache.astype(dtype)
+        layer, index = slot
+        at = (layer, 0, 0, index, 0)
+        k_all = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), at)
+        v_all = jax.lax.dynamic_update_slice(kv[1], val[None].astype(kv[1].dtype), at)
+        new_kv = (k_all, v_all)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dtype)  # [B, Hkv, S, D]
+        val = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dtype)
 
     attn = attention(q, k, val, visible).reshape(b, t, num_heads * head_dim)
     x = x + constrain(attn @ w["o_w"], ("batch", "seq", "act_embed"), mesh)

@@ -142,13 +142,26 @@ class Qwen2ForCausalLM(nnx.Module):
             decoder_layer, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, mesh=self.mesh)
 
-        def step(x, xs):
-            params, layer_kv = xs
-            return layer(params, x, cos, sin, visible, layer_kv, index)
+        remat = (lambda f: f) if self.remat == "none" else functools.partial(
+            jax.checkpoint, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        stacked = self.layers.stacked()
+        if cache is None:
+            @remat
+            def step(x, params):
+                return layer(params, x, cos, sin, visible, None, None)[0], None
 
-        if self.remat != "none":
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, new_kv = jax.lax.scan(step, x, (self.layers.stacked(), kv))
+            x, _ = jax.lax.scan(step, x, stacked)
+        else:
+            # The whole cache is a scan CARRY, not xs/ys: each layer writes only its T new slots
+            # in place (ys would materialise and copy a fresh [L, ...] cache every call).
+            @remat
+            def step(carry, xs):
+                x, layer_kv = carry
+                params, i = xs
+                return layer(params, x, cos, sin, visible, layer_kv, (i, index)), None
+
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, new_kv), _ = jax.lax.scan(step, (x, kv), (stacked, layer_ids))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cache is None:
             return x
