@@ -172,7 +172,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
          f"data.source={c.data.source!r}: choose synthetic, jsonl, parquet or hub")
     if c.data.source in ("jsonl", "parquet"):
         need(bool(c.data.path) and os.path.exists(c.data.path),
-             f"data.path={c.data.path!r} does not exist (data.source={c.data.source})")
+             f"data.path={c.data.path!r} does not exist (data.source={c.data.source}); for "
+             f"MATH write it with python -m sspo_jax.data.prepare_math --out={c.data.path}")
     need(c.data.long_prompts in ("drop", "truncate"),
          f"data.long_prompts={c.data.long_prompts!r}: choose 'drop' or 'truncate'")
     need(c.optimizer.schedule in ("constant", "cosine"),
