@@ -1,0 +1,27 @@
+"""The comparison runs every objective from one warm start."""
+import os
+
+import pytest
+
+from sspo_jax import compare
+from test_train import tiny_config
+
+
+@pytest.mark.slow
+def test_objectives_share_the_warm_start_and_write_one_table(tmp_path):
+    c = tiny_config(**{"steps": 2, "eval.every": 2})
+    summaries = compare.run_comparison(c, str(tmp_path), objectives=("grpo", "sspo"))
+    assert set(summaries) == {"grpo", "sspo"}
+    table = open(tmp_path / "compare.md").read()
+    assert "| grpo |" in table and "| sspo |" in table
+    assert open(tmp_path / "compare.png", "rb").read(4) == b"\x89PNG"
+    from sspo_jax.metrics import read_jsonl
+    grpo = {r["step"]: r for r in read_jsonl(tmp_path / "grpo" / "metrics.jsonl")}
+    sspo = {r["step"]: r for r in read_jsonl(tmp_path / "sspo" / "metrics.jsonl")}
+    assert sorted(sspo) == [0, 1, 2]
+    assert sspo[0] == grpo[0]  # the same starting policy, evaluated once
+    # Step 1 samples from identical weights, data and RNG: identical rollouts and rewards...
+    for key in ("reward/mean", "response/length_mean", "groups/zero_variance_frac"):
+        assert sspo[1][key] == grpo[1][key], key
+    # ...while the objectives differ (subsentence vs token ratios and clip ranges).
+    assert sspo[1]["clip_eps_high_mean"] != grpo[1]["clip_eps_high_mean"]
