@@ -21,10 +21,14 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves every `save_every` steps (and on demand), keeps the newest `keep` checkpoints."""
+    """Saves every `save_every` steps (and on demand), keeps the newest `keep` checkpoints.
+
+    Steps in `always_keep` are never deleted: step 0 is the starting policy (after the warm
+    start), which evaluation and `sspo_jax.compare` start from.
+    """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, always_keep: tuple[int, ...] = (0,)):
         if save_every < 1:
             raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
         if keep < 1:
@@ -32,9 +36,12 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
         # The interval is applied in save() (orbax would also save whatever step comes first).
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        if always_keep:
+            policies.append(ocp.checkpoint_managers.CustomSteps(list(always_keep)))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,
-            max_to_keep=keep,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True,
         )

@@ -33,13 +33,13 @@ def _assert_same(a, b):
 def test_save_restore_round_trip_and_keep_last(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=2, keep=2)
     saved = {}
-    for step in range(1, 8):
+    for step in range(0, 8):
         state = _state(step)
         if ckpt.save(step, state, meta={"data": {"epoch": 0, "index": step * 3}}):
             saved[step] = state
     ckpt.wait()
-    assert sorted(saved) == [2, 4, 6]
-    assert ckpt.all_steps() == [4, 6]  # keep=2 deleted step 2
+    assert sorted(saved) == [0, 2, 4, 6]
+    assert ckpt.all_steps() == [0, 4, 6]  # keep=2 deleted step 2; step 0 is always kept
     assert ckpt.latest_step() == 6
     restored, meta = ckpt.restore(_state(0))
     _assert_same(restored, saved[6])

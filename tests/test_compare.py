@@ -9,7 +9,8 @@ from test_train import tiny_config
 
 @pytest.mark.slow
 def test_objectives_share_the_warm_start_and_write_one_table(tmp_path):
-    c = tiny_config(**{"steps": 2, "eval.every": 2})
+    # keep=1: the first run ends with only its last checkpoint, plus the always-kept step 0.
+    c = tiny_config(**{"steps": 2, "eval.every": 2, "checkpoint.keep": 1})
     summaries = compare.run_comparison(c, str(tmp_path), objectives=("grpo", "sspo"))
     assert set(summaries) == {"grpo", "sspo"}
     table = open(tmp_path / "compare.md").read()
