@@ -139,6 +139,8 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
         rng=rng,
     )
 
+    weights = model.decode_weights()  # sliced once here, not on every step
+
     def not_finished(s: _LoopState):
         return (s.step < n_new) & ~jnp.all(s.done)
 
@@ -148,7 +150,7 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
         # sampling code in the program (XLA CPU compile time roughly halves).
         s = _record(s, s.next_logits, cfg)
         token = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [R, 1]
-        logits, cache = model(token, attention_mask=jnp.ones_like(token), cache=s.cache)
+        logits, cache = model(token, attention_mask=jnp.ones_like(token), cache=s.cache, weights=weights)
         return s.replace(next_logits=logits[:, 0], cache=cache)
 
     state = jax.lax.while_loop(not_finished, sample_and_advance, state)

@@ -80,3 +80,23 @@ def test_overfull_cache_is_rejected(model):
     cache = model.init_cache(3, PROMPT_LEN).replace(index=jnp.int32(PROMPT_LEN))
     with pytest.raises(ValueError, match="KV cache full: index 8 \\+ 1 tokens > max_len 8"):
         model(ids[:, :1], attention_mask=mask[:, :1], cache=cache)
+
+
+def test_decode_weights_give_the_same_cached_step(model):
+    """The unrolled per-layer path (sampler's decode loop) equals the scanned one, cache included."""
+    ids, mask = _prompt()
+    cache = model.init_cache(len(PROMPT_LENGTHS), PROMPT_LEN + 2)
+    _, cache = cached(model, ids, mask, cache)
+    token = jnp.asarray([[5], [17], [130]], jnp.int32)
+    with_weights = nnx.jit(lambda m, t, c: m(t, attention_mask=jnp.ones_like(t), cache=c, weights=m.decode_weights()))
+    want_logits, want_cache = cached(model, token, jnp.ones_like(token), cache)
+    got_logits, got_cache = with_weights(model, token, cache)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-6, rtol=0)
+    for got, want in zip((got_cache.k, got_cache.v, got_cache.mask), (want_cache.k, want_cache.v, want_cache.mask)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+    assert int(got_cache.index) == PROMPT_LEN + 1
+    weights = model.decode_weights()
+    assert len(weights["layers"]) == model.config.num_hidden_layers
+    assert weights["lm_head"].shape == (model.config.hidden_size, model.config.vocab_size)
+    with pytest.raises(ValueError, match="per-layer decode weights need a cache"):
+        model(ids, attention_mask=mask, weights=weights)

@@ -114,13 +114,31 @@ class Qwen2ForCausalLM(nnx.Module):
         return cache.replace(k=put(cache.k, kv_cache.KV_AXES), v=put(cache.v, kv_cache.KV_AXES),
                              mask=put(cache.mask, kv_cache.MASK_AXES))
 
+    def decode_weights(self) -> dict[str, Any]:
+        """The weights as a decode loop reads them fastest: "layers", a tuple of L per-layer
+        parameter dicts (no layer axis), and "lm_head" [H, V] in the compute dtype.
+
+        Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
+        copies a layer's slice out of the stacked [L, ...] parameters on every use (and the tied
+        head's transpose), so slicing once outside the loop saves a full weight copy per token.
+        """
+        stacked = self.layers.stacked()
+        layers = tuple({name: a[i] for name, a in stacked.items()} for i in range(self.config.num_hidden_layers))
+        return {"layers": layers, "lm_head": self.lm_head_weight()}
+
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      cache: kv_cache.KVCache | None = None):
-        """[B, T, H] after the final norm (in the compute dtype); with a cache, (hidden, cache)."""
+                      cache: kv_cache.KVCache | None = None, layers: tuple[dict, ...] | None = None):
+        """[B, T, H] after the final norm (in the compute dtype); with a cache, (hidden, cache).
+
+        layers: `decode_weights()["layers"]`; with it (a cache is required) the layers run unrolled
+        from those arrays instead of scanning the stacked parameters.
+        """
         cfg = self.config
         b, t = input_ids.shape
         mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
         real_before = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1  # [B, T]
+        if layers is not None and cache is None:
+            raise ValueError("per-layer decode weights need a cache; call without weights= for a plain forward")
         if cache is None:
             positions = jnp.maximum(real_before, 0)
             key_mask, q_slot, k_slot, index, kv = mask, jnp.arange(t), jnp.arange(t), None, None
@@ -151,6 +169,10 @@ class Qwen2ForCausalLM(nnx.Module):
                 return layer(params, x, cos, sin, visible, None, None)[0], None
 
             x, _ = jax.lax.scan(step, x, stacked)
+        elif layers is not None:
+            new_kv = kv
+            for i, params in enumerate(layers):  # unrolled: each layer's weights are their own arrays
+                x, new_kv = layer(params, x, cos, sin, visible, new_kv, (i, index))
         else:
             # The whole cache is a scan CARRY, not xs/ys: each layer writes only its T new slots
             # in place (ys would materialise and copy a fresh [L, ...] cache every call).
@@ -170,11 +192,15 @@ class Qwen2ForCausalLM(nnx.Module):
         return x, cache.replace(k=k, v=v, mask=key_mask, index=cache.index + t)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: kv_cache.KVCache | None = None):
-        """logits [B, T, V] float32; with a cache, (logits, updated cache)."""
-        out = self.hidden_states(input_ids, attention_mask, cache)
+                 cache: kv_cache.KVCache | None = None, weights: dict[str, Any] | None = None):
+        """logits [B, T, V] float32; with a cache, (logits, updated cache).
+
+        weights: `decode_weights()`, built once outside a decode loop (needs a cache); same result.
+        """
+        out = self.hidden_states(input_ids, attention_mask, cache, None if weights is None else weights["layers"])
         hidden, new_cache = (out, None) if cache is None else out
-        logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight(),
+        head = self.lm_head_weight() if weights is None else weights["lm_head"]
+        logits = jnp.einsum("bth,hv->btv", hidden, head,
                             preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"), self.mesh)
         return logits if cache is None else (logits, new_cache)
