@@ -131,10 +131,12 @@ def main():
     args = parser.parse_args()
     jdtype, tdtype = DTYPES[args.dtype]
 
+    load_before = os.getloadavg()[0]
     rows = [run_size(size, args, jdtype, tdtype) for size in args.sizes.split(",")]
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}; batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {args.dtype}, greedy, min of {args.reps} reps\n")
+          f"{args.new_tokens} new tokens, {args.dtype}, greedy, min of {args.reps} reps; "
+          f"1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end\n")
     head = "| config | params | sspo_jax s | sspo_jax new tok/s | transformers s (threads) | transformers new tok/s | speed-up | compile s |"
     extra = " decode step ms | roofline |" if args.peak_gbs else ""
     print(head + extra)
