@@ -119,8 +119,9 @@ class Qwen2ForCausalLM(nnx.Module):
         parameter dicts (no layer axis), and "lm_head" [H, V] in the compute dtype.
 
         Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
-        copies a layer's slice out of the stacked [L, ...] parameters on every use (and the tied
-        head's transpose), so slicing once outside the loop saves a full weight copy per token.
+        copies a layer's slice out of the stacked [L, ...] parameters on every use, so slicing
+        once outside the loop saves a full weight copy per token (the head is here so that a tied
+        head's transpose is also done once).
         """
         stacked = self.layers.stacked()
         layers = tuple({name: a[i] for name, a in stacked.items()} for i in range(self.config.num_hidden_layers))
