@@ -105,14 +105,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The paper presets' clip ranges assume ~500-token responses. The demo's are ~20 tokens (~5 per
+# subsentence), so a mean log-ratio over a unit moves much more: the subsentence- and
+# sequence-level objectives get wider ranges here (token level keeps GRPO's 0.2). SSPO's was
+# tuned on this demo (docs/training.md); GSPO's is scaled from it by unit length.
+DEMO_CLIP = {"sspo": (0.05, 0.06), "sspo_fixed": (0.05, 0.06), "gspo": (0.02, 0.025)}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The CPU demo: a tiny Qwen2 learns the synthetic arithmetic task, warm start then RL.
 
     `arg` picks the loss preset (`sspo` by default), as in `--config=configs/demo.py:grpo`.
+    Tuned on the 2-core CPU: the warm start reaches ~0.58 held-out accuracy, SSPO then raises it
+    to ~0.76 in 60 steps (docs/training.md has the measured runs).
     """
     c = base_config()
     c.loss.name = arg or "sspo"
-    c.steps = 40
+    if c.loss.name in DEMO_CLIP:
+        c.loss.eps_low, c.loss.eps_high = DEMO_CLIP[c.loss.name]
+    c.steps = 60
+    c.model.tiny.hidden_size = 128
+    c.model.tiny.intermediate_size = 384
     c.data.template = "plain"
     c.data.max_prompt_len = 48
     c.rollout.prompts_per_step = 16
@@ -120,10 +133,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 40
     c.train.ppo_mini_batches = 4
     c.train.micro_batch_size = 32
-    c.optimizer.lr = 5e-5
+    c.optimizer.lr = 1e-4
+    c.optimizer.schedule = "cosine"
     c.checkpoint.every = 10
     c.eval.every = 10
-    c.eval.num_prompts = 200
+    c.eval.num_prompts = 300
     c.eval.max_new_tokens = 40
     c.warm_start.steps = 300
     c.warm_start.examples = 4000
