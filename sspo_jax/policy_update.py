@@ -85,6 +85,17 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
                                                temperature, chunk)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSettings):
+    """`[B, R]` response log-probs of `batch` under `params` (no gradient): the old policy's
+    when recomputed, or the reference policy's for the KL term."""
+    model = nnx.merge(graphdef, params)
+    prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
+    logp, _ = response_logprobs(model, batch.tokens, batch.attention_mask, prompt_len,
+                                settings.temperature, settings.logprob_chunk)
+    return jnp.where(batch.response_mask > 0, logp, 0.0)
+
+
 def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
                 settings: UpdateSettings):
     model = nnx.merge(graphdef, params)

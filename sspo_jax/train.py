@@ -79,6 +79,11 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
             _warm_start(config, model, tokenizer, train_rows)
         graphdef, params = nnx.split(model)
         opt_state = optimizer.init(params)
+    # The KL reference is the starting policy (step 0: after the warm start, always kept).
+    ref_params = None
+    if loss_cfg.kl_beta > 0:
+        ref_params = (jax.tree.map(jax.numpy.copy, params) if not resumed else
+                      checkpoints.restore({"params": params, "opt_state": opt_state}, step=0)[0]["params"])
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start if resumed else None,
                                        enabled=is_chief)
     rows_out = []
@@ -123,7 +128,11 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
             prompt_ids, prompt_mask, sample, scores, num_samples=r.num_samples, loss_cfg=loss_cfg,
             tables=tables, filter_zero_variance=r.filter_zero_variance_groups)
         if r.old_logprobs == "recompute":
-            pb = pb.replace(old_logp=_recompute_old_logp(graphdef, params, pb, settings))
+            pb = pb.replace(old_logp=policy_update.batch_logprobs(params, pb, graphdef=graphdef,
+                                                                  settings=settings))
+        if ref_params is not None:
+            pb = pb.replace(ref_logp=policy_update.batch_logprobs(ref_params, pb, graphdef=graphdef,
+                                                                  settings=settings))
         t_update0 = time.time()
         params, opt_state, loss_parts, bad = _update(params, opt_state, pb, graphdef, optimizer,
                                                      settings, config, step)
@@ -186,14 +195,6 @@ def _update(params, opt_state, pb, graphdef, optimizer, settings, config, step):
     combined = combine_metrics(parts)
     combined["grad_norm_mean/sum"] = combined.pop("grad_norm/sum") / len(parts)
     return params, opt_state, combined, bad
-
-
-def _recompute_old_logp(graphdef, params, pb, settings):
-    model = nnx.merge(graphdef, params)
-    prompt_len = pb.tokens.shape[1] - pb.response_mask.shape[1]
-    logp, _ = jax.jit(policy_update.response_logprobs, static_argnums=(3, 4, 5))(
-        model, pb.tokens, pb.attention_mask, prompt_len, settings.temperature, settings.logprob_chunk)
-    return logp
 
 
 def _trim_prompts(ids, mask):

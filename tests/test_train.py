@@ -106,3 +106,45 @@ def test_bad_config_fails_before_anything_compiles(tmp_path, overrides, message)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_kl_to_the_starting_policy_and_recomputed_old_logprobs(tmp_path):
+    rows = train.train_and_evaluate(
+        tiny_config(**{"loss.kl_beta": 0.1, "rollout.old_logprobs": "recompute", "steps": 2,
+                       "eval.every": 0}), str(tmp_path))
+    for row in rows[1:]:
+        assert row["kl_ref"] >= 0 and row["kl_ref"] == row["kl_ref"]  # k3 >= 0, not NaN
+    # Step 1 starts from the reference itself, so its KL is tiny; it grows as the policy moves.
+    assert rows[1]["kl_ref"] < 1e-3 and rows[2]["kl_ref"] > rows[1]["kl_ref"]
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_a_message(tmp_path):
+    config = tiny_config(**{"debug.inject_nan_step": 1, "train.max_bad_steps": 1, "steps": 3,
+                            "eval.every": 0, "warm_start.steps": 0})
+    with pytest.raises(RuntimeError, match=r"1 steps in a row had non-finite losses"):
+        train.train_and_evaluate(config, str(tmp_path))
+    rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[-1]["step"] == 1 and rows[-1]["skipped_updates"] >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(tmp_path, steps=50, **{"checkpoint.every": 100}), cwd=repo,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jsonl = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(jsonl) and any(r["step"] >= 1 for r in metrics_lib.read_jsonl(jsonl)):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    last = max(r["step"] for r in metrics_lib.read_jsonl(jsonl))
+    assert 1 <= last < 50
+    assert "SIGTERM: saved the checkpoint of step" in err
+    from sspo_jax.checkpoint import Checkpointer
+    assert Checkpointer(tmp_path / "checkpoints", save_every=1).latest_step() == last
