@@ -27,11 +27,6 @@ from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.policy_bootstrap import (build_policy, load_task, optimizer_from_config,
                                        write_run_info)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-    "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
-
 CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", ".3f"),
                 ("clip_frac_total/token", "clip", ".4f"), ("entropy_mean", "entropy", ".3f"),
                 ("response/length_mean", "len", ".1f"), ("tokens_per_s", "tok/s", ".0f"))
@@ -243,4 +238,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so other modules (compare) can import this one.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
+        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
     app.run(main)

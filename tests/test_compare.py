@@ -1,18 +1,22 @@
 """The comparison runs every objective from one warm start."""
 import os
+import subprocess
+import sys
 
 import pytest
 
-from sspo_jax import compare
-from test_train import tiny_config
+from test_train import TINY
 
 
 @pytest.mark.slow
 def test_objectives_share_the_warm_start_and_write_one_table(tmp_path):
     # keep=1: the first run ends with only its last checkpoint, plus the always-kept step 0.
-    c = tiny_config(**{"steps": 2, "eval.every": 2, "checkpoint.keep": 1})
-    summaries = compare.run_comparison(c, str(tmp_path), objectives=("grpo", "sspo"))
-    assert set(summaries) == {"grpo", "sspo"}
+    overrides = {**TINY, "steps": 2, "eval.every": 2, "checkpoint.keep": 1}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "sspo_jax.compare", f"--workdir={tmp_path}",
+                           "--objectives=grpo,sspo", *[f"--config.{k}={v}" for k, v in overrides.items()]],
+                          cwd=repo, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     table = open(tmp_path / "compare.md").read()
     assert "| grpo |" in table and "| sspo |" in table
     assert open(tmp_path / "compare.png", "rb").read(4) == b"\x89PNG"
