@@ -71,6 +71,16 @@ def make_optimizer(lr: float, *, schedule: str = "constant", warmup_steps: int =
     return optax.chain(*parts)
 
 
+def init_optimizer(optimizer, params):
+    """`optimizer.init(params)` with every leaf committed to its device.
+
+    optax creates some leaves (step counts) as uncommitted scalars; the update returns them
+    committed, and jit compiles a second program for the changed input. Committing them up front
+    keeps one compilation for the whole run.
+    """
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), optimizer.init(params))
+
+
 def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperature: float,
                       chunk: int):
     """log pi and entropy `[B, R]` of the response tokens `tokens[:, prompt_len:]`.

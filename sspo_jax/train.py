@@ -62,7 +62,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
     if resumed:
         graphdef, params = nnx.split(model)
-        opt_state = optimizer.init(params)
+        opt_state = policy_update.init_optimizer(optimizer, params)
         state, meta = checkpoints.restore({"params": params, "opt_state": opt_state})
         params, opt_state = state["params"], state["opt_state"]
         data_iter.set_state(meta["data"])
@@ -73,7 +73,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         if config.warm_start.steps:
             _warm_start(config, model, tokenizer, train_rows)
         graphdef, params = nnx.split(model)
-        opt_state = optimizer.init(params)
+        opt_state = policy_update.init_optimizer(optimizer, params)
     # The KL reference is the starting policy (step 0: after the warm start, always kept).
     ref_params = None
     if loss_cfg.kl_beta > 0:

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from sspo_jax.data.templates import render_prompt
-from sspo_jax.policy_update import response_logprobs
+from sspo_jax.policy_update import init_optimizer, response_logprobs
 
 
 def encode_examples(rows: Sequence[dict], tokenizer, *, template: str, prompt_len: int,
@@ -80,7 +80,7 @@ def warm_start(model, examples, *, steps: int, lr: float, batch_size: int, promp
         raise ValueError(f"{n} warm-start examples cannot fill a batch of {batch_size}")
     graphdef, params = nnx.split(model)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
-    opt_state = optimizer.init(params)
+    opt_state = init_optimizer(optimizer, params)
     rng = np.random.default_rng(seed)
     order, pos, history = rng.permutation(n), 0, []
     for step in range(steps):

@@ -174,3 +174,20 @@ def test_rows_sliced_from_a_batch_keep_their_subsentences(tmp_path):
     assert loss_sliced == loss_fresh
     for a, b in zip(jax.tree.leaves(g_sliced), jax.tree.leaves(g_fresh)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_one_compilation_for_repeated_updates(tmp_path):
+    """The optimizer state is committed up front, so the second call reuses the first program."""
+    hf = tiny_hf.make_qwen2(tmp_path / "hf", seed=6)
+    tokens, attn, resp_mask, old, adv = _batch(hf, tiny_hf.BASE["vocab_size"], seed=6)
+    batch = _jax_batch(tokens, attn, resp_mask, old, adv, 0.2)
+    graphdef, params = nnx.split(M.from_pretrained(tmp_path / "hf"))
+    opt = PU.make_optimizer(1e-4, schedule="cosine", warmup_steps=1, total_steps=5)
+    opt_state = PU.init_optimizer(opt, params)
+    settings = PU.UpdateSettings(loss=losses.preset("grpo"), temperature=1.0, micro_batch_size=4,
+                                 logprob_chunk=8)
+    before = PU.update_step._cache_size()
+    for _ in range(3):
+        params, opt_state, *_ = PU.update_step(params, opt_state, batch, graphdef=graphdef,
+                                               optimizer=opt, settings=settings)
+    assert PU.update_step._cache_size() == before + 1

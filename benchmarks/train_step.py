@@ -1,0 +1,149 @@
+"""One policy-gradient update, sspo_jax vs PyTorch + transformers, on the same weights and batch.
+
+    python benchmarks/train_step.py [--sizes 5m,40m] [--reps 5] [--demo-steps 6]
+
+The update is the whole optimizer step: forward over prompt + response, token log-probs, the
+clipped GRPO surrogate (token level, seq-mean-token-mean), backward, global-norm clipping and
+AdamW. The PyTorch peer is `transformers.Qwen2ForCausalLM` (sdpa attention, 2 threads) with
+the same loss written in torch. Compile time is excluded and listed. With --demo-steps, also a
+short CPU demo run and the mean time of each part of its steps (sampling, grading, update).
+With --peak-tflops (a GPU's bf16/fp32 peak), the update's MFU from 6 x params x tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+SIZES = {  # the ~5M and ~40M configs of the other benchmarks
+    "5m": dict(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "40m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+}
+B, P, R = 16, 64, 128
+
+
+def torch_update(hf, opt, tokens, attn, resp_mask, old, adv, eps=0.2):
+    import torch
+    opt.zero_grad()
+    logits = hf(input_ids=tokens, attention_mask=attn).logits[:, P - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, P:, None])[..., 0]
+    m = resp_mask.float()
+    ratio = torch.exp(torch.clamp((logp - old) * m, -20, 20))
+    a = adv[:, None]
+    u = torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps) * a)
+    loss = -((u * m).sum(1) / m.sum(1).clamp(min=1)).sum() / (m.sum(1) > 0).sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def bench_size(name, reps, peak_tflops):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    import tiny_hf
+    from sspo_jax import losses, model as M, policy_update as PU
+
+    torch.set_num_threads(2)
+    cfg = SIZES[name]
+    with tempfile.TemporaryDirectory() as d:
+        hf = tiny_hf.make_qwen2(d, seed=0, max_position_embeddings=512, **cfg)
+        model = M.from_pretrained(d)
+    n_params = sum(p.numel() for p in hf.parameters())
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, cfg["vocab_size"], (B, P + R), generator=gen)
+    attn = torch.ones_like(tokens)
+    resp_mask = torch.ones(B, R, dtype=torch.long)
+    old = -torch.rand(B, R, generator=gen) * 8
+    adv = torch.randn(B, generator=gen)
+
+    graphdef, params = nnx.split(model)
+    opt = PU.make_optimizer(1e-5)
+    opt_state = PU.init_optimizer(opt, params)
+    settings = PU.UpdateSettings(loss=losses.preset("grpo"), temperature=1.0, micro_batch_size=B,
+                                 logprob_chunk=128)
+    batch = PU.PolicyBatch(
+        tokens=jnp.asarray(tokens.numpy(), jnp.int32), attention_mask=jnp.asarray(attn.numpy(), jnp.int32),
+        response_mask=jnp.asarray(resp_mask.numpy(), jnp.int32), old_logp=jnp.asarray(old.numpy()),
+        adv=jnp.asarray(adv.numpy()), seg=jnp.arange(B * R, dtype=jnp.int32).reshape(B, R),
+        eps_low=jnp.full((B, R), 0.2), eps_high=jnp.full((B, R), 0.2))
+
+    def jax_step():
+        nonlocal params, opt_state
+        params, opt_state, _, gnorm, _ = PU.update_step(params, opt_state, batch, graphdef=graphdef,
+                                                        optimizer=opt, settings=settings)
+        gnorm.block_until_ready()
+
+    t0 = time.perf_counter()
+    jax_step()
+    compile_s = time.perf_counter() - t0
+    jax_step()  # and one more untimed call, so nothing left to compile or warm up is timed
+    topt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
+    hf.train(False)  # no dropout in Qwen2; keeps the peer deterministic
+    torch_update(hf, topt, tokens, attn, resp_mask, old, adv)  # warm-up
+    jt, tt = [], []
+    for _ in range(reps):  # interleaved, so load changes hit both sides
+        t0 = time.perf_counter()
+        jax_step()
+        jt.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_update(hf, topt, tokens, attn, resp_mask, old, adv)
+        tt.append(time.perf_counter() - t0)
+    j, t = statistics.median(jt), statistics.median(tt)
+    tok = B * (P + R)
+    row = {"model": f"~{name.upper()} ({n_params / 1e6:.1f}M)", "jax_compile_s": compile_s,
+           "jax_step_ms": j * 1e3, "torch_step_ms": t * 1e3, "jax_tok_s": tok / j,
+           "torch_tok_s": tok / t, "speedup": t / j}
+    if peak_tflops:
+        row["jax_mfu"] = 6 * n_params * tok / j / (peak_tflops * 1e12)
+    return row
+
+
+def demo_breakdown(steps):
+    import json
+
+    from sspo_jax import run_config, train
+    c = run_config.get_config()
+    c.steps = steps
+    c.eval.every = 0
+    with tempfile.TemporaryDirectory() as d:
+        train.train_and_evaluate(c, d)
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))][2:]  # skip step 0 and the compiling step 1
+    keys = ["time/sampling_s", "time/grading_s", "time/update_s", "time/step_s"]
+    return {k: statistics.mean(r[k] for r in rows) for k in keys}, len(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="5m,40m")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--demo-steps", type=int, default=6)
+    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    args = ap.parse_args()
+    rows = [bench_size(s, args.reps, args.peak_tflops) for s in args.sizes.split(",")]
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.demo_steps > 2:
+        means, n = demo_breakdown(args.demo_steps)
+        print(f"\nCPU demo step breakdown (mean of {n} steps after the first):")
+        for k, v in means.items():
+            print(f"| {k} | {v:.3f} |")
+    os.system("uptime")
+
+
+if __name__ == "__main__":
+    main()
