@@ -139,7 +139,10 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
         rng=rng,
     )
 
-    weights = model.decode_weights()  # sliced once here, not on every step
+    # XLA on CPU copies a layer's weights out of the stacked arrays on every token, so there the
+    # layers are sliced once here (a second copy of the weights, unrolled layers). GPUs and TPUs
+    # slice without copying: they keep the scanned layers, one weight copy and a short compile.
+    weights = model.decode_weights() if jax.default_backend() == "cpu" else None
 
     def not_finished(s: _LoopState):
         return (s.step < n_new) & ~jnp.all(s.done)

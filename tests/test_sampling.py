@@ -198,3 +198,19 @@ def test_prompts_of_one_bucket_compile_once(models, greedy_eos):
     assert run([11, 2, 3, 3], 14) == first
     assert run([16, 1, 5, 9], 20) == first
     assert run([17, 3, 2, 2], 17) == first + 1
+
+
+def test_scanned_decode_path_of_gpus_and_tpus_gives_the_same_output(models, batch, monkeypatch):
+    """Off CPU the sampler keeps the scanned layers (no per-layer weight copies); same result.
+    The pad id is static, so a different one traces a fresh program (with no EOS ids there is
+    no padding in the output, so it cannot change the result)."""
+    _, model = models
+    ids, mask = batch
+    kwargs = dict(num_samples=2, max_new_tokens=11, temperature=0.8, top_p=0.9, eos_ids=())
+    cpu = sampling.generate(model, ids, mask, jax.random.key(3), pad_id=0, **kwargs)
+    monkeypatch.setattr(sampling.jax, "default_backend", lambda: "gpu")
+    count = sampling.compile_count()
+    other = sampling.generate(model, ids, mask, jax.random.key(3), pad_id=1, **kwargs)
+    assert sampling.compile_count() == count + 1
+    np.testing.assert_array_equal(np.asarray(other.tokens), np.asarray(cpu.tokens))
+    np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(cpu.logprobs), atol=1e-5)
