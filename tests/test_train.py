@@ -42,6 +42,21 @@ def _cli(workdir, **extra):
             f"--workdir={workdir}", *flags]
 
 
+def _start_and_wait_for_step(cmd, jsonl, step, log_path, timeout=900):
+    """Starts the training CLI (output to log_path, so no pipe can fill up and block it) and
+    returns once metrics.jsonl has a row of `step` or later (or the process ended)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(jsonl) and any(r["step"] >= step for r in metrics_lib.read_jsonl(jsonl)):
+            break
+        time.sleep(0.2)
+    return proc
+
+
 def _comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
@@ -57,14 +72,8 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     assert [r["step"] for r in reference] == [0, 1, 2, 3, 4]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed_dir), cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     jsonl = killed_dir / "metrics.jsonl"
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(jsonl) and any(r["step"] >= 2 for r in metrics_lib.read_jsonl(jsonl)):
-            break
-        time.sleep(0.2)
+    proc = _start_and_wait_for_step(_cli(killed_dir), jsonl, 2, tmp_path / "killed.log")
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -130,18 +139,13 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_a_message(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_cli(tmp_path, steps=50, **{"checkpoint.every": 100}), cwd=repo,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     jsonl = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(jsonl) and any(r["step"] >= 1 for r in metrics_lib.read_jsonl(jsonl)):
-            break
-        time.sleep(0.2)
+    log = tmp_path.parent / f"{tmp_path.name}-sigterm.log"
+    proc = _start_and_wait_for_step(_cli(tmp_path, steps=50, **{"checkpoint.every": 100}), jsonl,
+                                    1, log)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    err = open(log).read()
     assert proc.returncode == 0, err[-3000:]
     last = max(r["step"] for r in metrics_lib.read_jsonl(jsonl))
     assert 1 <= last < 50
