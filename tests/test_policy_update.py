@@ -73,6 +73,7 @@ def _grads(model, batch, settings):
     return float(loss), graphdef, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied,temperature", [(False, 1.0), (True, 0.7)])
 def test_gradient_matches_pytorch_autograd(tmp_path, tied, temperature):
     hf = tiny_hf.make_qwen2(tmp_path / "hf", seed=3, tie_word_embeddings=tied, rope_theta=1e6)
@@ -99,6 +100,7 @@ def test_gradient_matches_pytorch_autograd(tmp_path, tied, temperature):
         assert err < 2e-4, f"{name}: max error {err:.2e} relative to max |grad| {scale:.2e}"
 
 
+@pytest.mark.slow
 def test_micro_batches_add_up(tmp_path):
     hf = tiny_hf.make_qwen2(tmp_path / "hf", seed=1)
     tokens, attn, resp_mask, old, adv = _batch(hf, tiny_hf.BASE["vocab_size"], seed=1)
@@ -154,6 +156,7 @@ def test_optimizer_schedules():
         PU.make_optimizer(1e-3, schedule="linear")
 
 
+@pytest.mark.slow
 def test_rows_sliced_from_a_batch_keep_their_subsentences(tmp_path):
     """Mini-batches are row slices of the rollout batch: their segment ids must be rebased, or
     segment_sum (num_segments = slice rows x T) would silently drop the later rows' segments."""

@@ -128,6 +128,7 @@ def test_kl_to_the_starting_policy_and_recomputed_old_logprobs(tmp_path):
     assert rows[1]["kl_ref"] < 1e-3 and rows[2]["kl_ref"] > rows[1]["kl_ref"]
 
 
+@pytest.mark.slow
 def test_too_many_bad_steps_in_a_row_stop_the_run_with_a_message(tmp_path):
     config = tiny_config(**{"debug.inject_nan_step": 1, "train.max_bad_steps": 1, "steps": 3,
                             "eval.every": 0, "warm_start.steps": 0})
