@@ -93,21 +93,11 @@ def decode_responses(tokenizer, tokens, mask) -> list[str]:
                                   skip_special_tokens=True)
 
 
-def load_eval_rows(config, name: str) -> list[dict]:
-    """Rows of benchmark `name`; `synthetic` is the synthetic task's held-out split."""
-    if name == "synthetic":
-        from sspo_jax.data import synthetic
-        return synthetic.generate(config.eval.num_prompts, split="test",
-                                  levels=tuple(config.data.synthetic_levels), seed=config.seed + 1)
-    from sspo_jax.data.benchmarks import load_benchmark
-    return load_benchmark(name, config.eval.data_dir)
-
-
 def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     """Evaluates the policy of `workdir` (or `model.hf_dir`); writes and returns the summary."""
     from sspo_jax import metrics as metrics_lib
     from sspo_jax.data.benchmarks import FIVE_BENCHMARKS
-    from sspo_jax.policy_bootstrap import build_policy, restore_params
+    from sspo_jax.policy_bootstrap import build_policy, eval_rows, restore_params
 
     e = config.eval
     tokenizer, model = build_policy(config)
@@ -122,7 +112,7 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     summaries = {}
     with rewards_lib.Grader() as grader:
         for name in (e.benchmarks or ("synthetic",)):
-            rows = load_eval_rows(config, name)
+            rows = eval_rows(config, name)
             common = dict(template=config.data.template, max_prompt_len=config.data.max_prompt_len,
                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, grader=grader,
                           timeout=config.rollout.grading_timeout)

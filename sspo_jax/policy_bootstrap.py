@@ -70,6 +70,17 @@ def _local_checkpoint(name: str) -> str:
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
 
 
+def eval_rows(config, name: str) -> list[dict]:
+    """Rows of benchmark `name`; `synthetic` is the synthetic task's held-out split (training's
+    periodic evaluation and `sspo_jax.evaluate` both read their rows here)."""
+    if name == "synthetic":
+        from sspo_jax.data import synthetic
+        return synthetic.generate(config.eval.num_prompts, split="test",
+                                  levels=tuple(config.data.synthetic_levels), seed=config.seed + 1)
+    from sspo_jax.data.benchmarks import load_benchmark
+    return load_benchmark(name, config.eval.data_dir)
+
+
 def load_task(config) -> tuple[list[dict] | str, list[dict]]:
     """(training source, evaluation rows). The training source is a list of rows (synthetic) or
     a path / `hf:` name the prompt pipeline reads; evaluation rows are the synthetic held-out
@@ -79,15 +90,9 @@ def load_task(config) -> tuple[list[dict] | str, list[dict]]:
         from sspo_jax.data import synthetic
         train = synthetic.generate(d.synthetic_train_size, split="train",
                                    levels=tuple(d.synthetic_levels), seed=config.seed)
-        held_out = synthetic.generate(e.num_prompts, split="test",
-                                      levels=tuple(d.synthetic_levels), seed=config.seed + 1)
-        return train, held_out
+        return train, eval_rows(config, "synthetic")
     source = d.path if d.source != "hub" else f"hf:{d.path}"
-    rows = []
-    if e.benchmarks:
-        from sspo_jax.data.benchmarks import load_benchmark
-        for name in e.benchmarks:
-            rows += load_benchmark(name, e.data_dir)
+    rows = [row for name in e.benchmarks for row in eval_rows(config, name)]
     return source, rows[: e.num_prompts] if e.num_prompts else rows
 
 

@@ -87,7 +87,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         summary, _ = evaluate.evaluate_rows(
             nnx.merge(graphdef, params), tokenizer, eval_rows, template=config.data.template,
             max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.eval.max_new_tokens,
-            batch_size=max(r.prompts_per_step, 32), grader=grader, timeout=r.grading_timeout)
+            batch_size=config.eval.batch_size, grader=grader, timeout=r.grading_timeout)
         return {f"eval/{k}": v for k, v in summary.items()}
 
     if not resumed:
