@@ -1,0 +1,682 @@
+"""The memory plan and cost model of a training config on a TPU slice, on paper.
+
+    python -m sspo_jax.plan --config=configs/qwen2_5_math_1_5b.py:sspo --slice=v5e-8 \
+        [--config.mesh.fsdp=4 --config.train.micro_batch_size=16 ...]
+
+Nothing is compiled or allocated: the model's shapes come from its config.json (or the table of
+known hub models below), the per-device shares from the same logical-axis rules the trainer
+shards with (sspo_jax.sharding), and every figure from the formulas in docs/scaling.md, which
+also says what each formula assumes. The memory is counted per phase of an RL step (sampling,
+training, optimizer update, ...) on top of the state that lives through the whole run; the peak
+is the largest phase. Estimates, not measurements: XLA's buffer assignment adds its own
+temporaries (and may hoist or fuse differently), so treat >= 90% of HBM as not fitting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sspo_jax import sharding
+from sspo_jax.model.config import Qwen2Config
+from sspo_jax.model.qwen2 import layer_param_specs
+
+GIB = 2 ** 30
+FIT_FRACTION = 0.9  # the rest of HBM is left to XLA's own temporaries and fragmentation
+# Assumed model-FLOPs utilisation for prefill and training, and the fraction of the HBM roofline
+# a decode step reaches. Assumptions, not measurements; docs/scaling.md says why these ranges.
+TRAIN_MFU = (0.25, 0.45)
+DECODE_EFFICIENCY = (0.3, 0.6)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip (one JAX device: v4 and v5p run their two TensorCores as one megacore)."""
+    family: str
+    hbm_bytes: float
+    peak_flops: float          # dense bf16 FLOP/s
+    hbm_bandwidth: float       # bytes/s
+    ici_bandwidth: float | None  # bidirectional bytes/s per chip; None where the page gives none
+    cores_per_chip: int        # the accelerator type counts TensorCores on v4/v5p (v4-8 = 4 chips)
+    chips_per_host: int
+    source: str
+
+
+# Figures from Google's Cloud TPU system-architecture pages (the URL in each entry). The pages
+# write "16 GB" / "32 GB" for v5e / v6e HBM; taken as GiB here (the 90% fit margin covers the
+# difference).
+CHIPS = {
+    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9, None, 2, 4,
+               "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, 400e9, 1, 8,
+                "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, 1200e9, 2, 4,
+                "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1638e9, 800e9, 1, 8,
+                "https://cloud.google.com/tpu/docs/v6e"),
+}
+FAMILY_ALIASES = {"v5litepod": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str
+    chip: Chip
+    chips: int
+    hosts: int
+
+
+def parse_slice(name: str) -> Slice:
+    """`v4-8`, `v5e-8` (= `v5litepod-8`), `v5p-64`, `v6e-8`, ...: the number is what the
+    accelerator type says (TensorCores on v4/v5p, chips on v5e/v6e)."""
+    match = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", name.strip())
+    if not match:
+        raise ValueError(f"unknown TPU slice {name!r}: use an accelerator type such as v4-8, "
+                         f"v5e-8 (v5litepod-8), v5p-8, v5p-64 or v6e-8 (families: "
+                         f"{', '.join(CHIPS)})")
+    chip = CHIPS[FAMILY_ALIASES.get(match[1], match[1])]
+    count = int(match[2])
+    if count < chip.cores_per_chip or count % chip.cores_per_chip:
+        raise ValueError(f"TPU slice {name!r}: a {chip.family} slice counts {chip.cores_per_chip} "
+                         f"TensorCores per chip, so its number must be a multiple of that")
+    chips = count // chip.cores_per_chip
+    return Slice(name, chip, chips, max(1, chips // chip.chips_per_host))
+
+
+# config.json values of the hub checkpoints (huggingface.co/Qwen/Qwen2.5-Math-1.5B and
+# huggingface.co/Qwen/Qwen2.5-Math-7B), so that a plan needs no download.
+KNOWN_MODELS = {
+    "Qwen/Qwen2.5-Math-1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                   num_hidden_layers=28, num_attention_heads=12,
+                                   num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
+                                   max_position_embeddings=4096),
+    "Qwen/Qwen2.5-Math-7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                 num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, head_dim=128, tie_word_embeddings=False,
+                                 max_position_embeddings=4096),
+}
+
+
+def model_config(config) -> tuple[str, Qwen2Config]:
+    """(name, architecture) of `config.model`: a local HF directory's config.json, a known hub
+    id, or (hf_dir "") the demo's tiny model built as policy_bootstrap.build_policy builds it."""
+    m = config.model
+    if m.hf_dir and os.path.isfile(os.path.join(m.hf_dir, "config.json")):
+        return m.hf_dir, Qwen2Config.from_hf(m.hf_dir)
+    if m.hf_dir in KNOWN_MODELS:
+        return m.hf_dir, Qwen2Config(**KNOWN_MODELS[m.hf_dir])
+    if m.hf_dir:
+        raise ValueError(f"model.hf_dir={m.hf_dir!r} is neither a local directory with config.json "
+                         f"nor a known hub id ({', '.join(KNOWN_MODELS)}): download it first")
+    from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
+    tokenizer = load_tokenizer(m.tokenizer_dir) if m.tokenizer_dir else build_tokenizer()
+    tiny = dict(m.tiny)
+    return "tiny demo model", Qwen2Config(
+        vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // tiny["num_attention_heads"], **tiny)
+
+
+# ---------------------------------------------------------------- parameters and sharding
+
+def param_count(cfg: Qwen2Config) -> int:
+    """Parameters of Qwen2ForCausalLM, closed form: embedding, (LM head unless tied), final norm,
+    and per layer two norms, q/k/v projections with biases, o projection and the SwiGLU MLP."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = 2 * h + (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i
+    heads = 1 if cfg.tie_word_embeddings else 2
+    return heads * cfg.vocab_size * h + h + cfg.num_hidden_layers * per_layer
+
+
+def matmul_params(cfg: Qwen2Config) -> tuple[int, int]:
+    """(decoder-layer weights, LM-head weights) used in matmuls: 2 FLOPs each per token."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * i), cfg.vocab_size * h
+
+
+def param_arrays(cfg: Qwen2Config) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+    """(shape, logical axes) of every parameter array, as the model creates them."""
+    arrays = [((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")),
+              ((cfg.hidden_size,), ("norm",))]
+    if not cfg.tie_word_embeddings:
+        arrays.append(((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")))
+    for shape, axes in layer_param_specs(cfg).values():
+        arrays.append(((cfg.num_hidden_layers, *shape), ("layers", *axes)))
+    return arrays
+
+
+def shard_divisor(names, shape, sizes: dict[str, int], rules=None) -> int:
+    """How many ways an array is split, by sharding.logical_to_spec's rule: a mesh axis shards a
+    dimension when it divides what is left of it and no earlier dimension used it."""
+    rules = sharding.LOGICAL_RULES if rules is None else rules
+    used, divisor = set(), 1
+    for name, size in zip(names, shape):
+        target = rules.get(name) if name else None
+        for axis in ((target,) if isinstance(target, str) else tuple(target or ())):
+            n = sizes.get(axis, 1)
+            if axis in used or size % n:
+                continue
+            used.add(axis)
+            size //= n
+            divisor *= n
+    return divisor
+
+
+def per_device(names, shape, sizes, rules=None) -> float:
+    """Elements of the array one device holds."""
+    return math.prod(shape) / shard_divisor(names, shape, sizes, rules)
+
+
+# The sampler's copy with mesh.sampler_reshard: gathered over fsdp, still split over tensor.
+SAMPLER_RULES = {**sharding.LOGICAL_RULES, "embed": None}
+
+
+# ---------------------------------------------------------------- the mesh
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    ici: tuple[int, int, int]   # data, fsdp, tensor within a slice
+    dcn: tuple[int, int, int]   # slices along each axis
+    devices: int                # all devices of all slices
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {a: i * d for a, i, d in zip(sharding.MESH_AXES, self.ici, self.dcn)}
+
+    @property
+    def batch_shards(self) -> int:
+        return self.sizes["data"] * self.sizes["fsdp"]
+
+    @property
+    def slices(self) -> int:
+        return math.prod(self.dcn)
+
+
+def resolve_mesh(mesh_cfg, slice_: Slice) -> MeshPlan:
+    """The run's mesh on `slice_`: data/fsdp/tensor within a slice (one may be -1, the rest),
+    dcn_* slices along each axis; the same sizes sharding.mesh_from_config builds."""
+    get = mesh_cfg.get
+    dcn = (get("dcn_data", 1), get("dcn_fsdp", 1), get("dcn_tensor", 1))
+    per_slice = get("devices", 0) or slice_.chips
+    sizes = [get("data", 1), get("fsdp", -1), get("tensor", 1)]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh (data, fsdp, tensor) = {sizes}: sizes must be positive, at most "
+                         f"one -1 (the rest of the devices)")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes and per_slice % known == 0:
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
+        raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(get(a, 1) for a in sharding.MESH_AXES)} "
+                         f"does not fit the {per_slice} devices of a {slice_.name} slice "
+                         f"({slice_.chips} chips, one JAX device each)")
+    return MeshPlan(tuple(sizes), dcn, per_slice * math.prod(dcn))
+
+
+# ---------------------------------------------------------------- shapes of one RL step
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    prompts: int        # prompts per step
+    samples: int        # samples per prompt
+    prompt_len: int     # padded prompt length (the sampler's bucket of max_prompt_len)
+    new_tokens: int     # max_new_tokens: every row's response slots
+    micro_rows: int     # train.micro_batch_size (global)
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples
+
+    @property
+    def seq(self) -> int:
+        """Slots per row, in the KV cache and in training: prompt + response."""
+        return self.prompt_len + self.new_tokens
+
+
+def rollout_shapes(config) -> Shapes:
+    from sspo_jax.sampling import bucket_length  # the sampler pads prompts to this length
+    r = config.rollout
+    return Shapes(r.prompts_per_step, r.num_samples, bucket_length(config.data.max_prompt_len),
+                  r.max_new_tokens, config.train.micro_batch_size)
+
+
+# ---------------------------------------------------------------- memory
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    phase: str
+    name: str
+    bytes: float
+    formula: str
+    fix: str = ""  # what makes it smaller
+
+
+SHARD_MORE = ("shard it over more devices: mesh.fsdp=-1 (the whole slice), a larger slice, or "
+              "more slices along fsdp (mesh.dcn_fsdp)")
+FEWER_ROWS = ("sample in several passes of fewer prompts (a smaller {what}), shorten "
+              "max_new_tokens, or put more devices on the batch axes (mesh.data x mesh.fsdp)")
+
+
+class Model:
+    """Per-device byte counts of one architecture on one mesh (formulas: docs/scaling.md)."""
+
+    def __init__(self, cfg: Qwen2Config, mesh: MeshPlan, dtype: str, param_dtype: str):
+        self.cfg, self.mesh, self.sizes = cfg, mesh, mesh.sizes
+        self.c, self.p = DTYPE_BYTES[dtype], DTYPE_BYTES[param_dtype]
+        t = self.sizes["tensor"]
+        self.q = cfg.num_attention_heads * cfg.head_dim
+        self.kv = cfg.num_key_value_heads * cfg.head_dim
+        split = lambda n: t if n % t == 0 else 1  # noqa: E731  tensor splits it, or replicates
+        self.t_q, self.t_kv, self.t_mlp = split(self.q), split(self.kv), split(cfg.intermediate_size)
+        self.t_heads, self.t_vocab = split(cfg.num_attention_heads), split(cfg.vocab_size)
+
+    def params(self, rules=None) -> float:
+        return sum(per_device(axes, shape, self.sizes, rules) for shape, axes in param_arrays(self.cfg))
+
+    def gathered_layer(self) -> float:
+        """One layer's weights all-gathered over fsdp (split over tensor only), compute dtype."""
+        specs = layer_param_specs(self.cfg).values()
+        return self.c * sum(per_device(axes, shape, self.sizes, SAMPLER_RULES) for shape, axes in specs)
+
+    def gathered_head(self) -> float:
+        return self.c * self.cfg.vocab_size * self.cfg.hidden_size / self.t_vocab
+
+    def batch_rows(self, rows: int) -> int:
+        """Rows one device computes: the batch split over data x fsdp where they divide it."""
+        return rows // shard_divisor(("batch",), (rows,), self.sizes)
+
+    def kv_cache(self, rows: int, slots: int) -> float:
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, slots, cfg.head_dim)
+        kv = 2 * self.c * per_device(("layers", "batch", "kv_heads", "kv_seq", "head_dim"), shape, self.sizes)
+        return kv + per_device(("batch", "kv_seq"), (rows, slots), self.sizes)  # + the bool mask
+
+    def token_bytes(self) -> float:
+        """Activation bytes per token of one decoder layer's forward: 7 residual-width arrays
+        (replicated over tensor), q/k/v before and after rotary and the attention output
+        (3q + 3kv), gate, up and their product (3 x intermediate)."""
+        cfg = self.cfg
+        return self.c * (7 * cfg.hidden_size + 3 * self.q / self.t_q + 3 * self.kv / self.t_kv
+                         + 3 * cfg.intermediate_size / self.t_mlp)
+
+    def attention(self, b: int, tq: int, tk: int, per_element: float) -> float:
+        """b rows' attention scores of one layer, [b, heads, tq, tk] (the whole square: plain
+        XLA attention, masked, no fused kernel)."""
+        return b * self.cfg.num_attention_heads / self.t_heads * tq * tk * per_element
+
+    def layer_forward(self, b: int, tq: int, tk: int) -> float:
+        """One layer's forward working set: activations + f32 scores and compute-dtype probs."""
+        return b * tq * self.token_bytes() + self.attention(b, tq, tk, 4 + self.c)
+
+    def saved_per_layer(self, b: int, t: int, remat: str) -> float:
+        """What the scanned forward keeps per layer for the backward pass."""
+        cfg = self.cfg
+        if remat == "none":
+            return self.layer_forward(b, t, t)
+        carry = self.c * b * t * cfg.hidden_size
+        if remat == "full":
+            return carry
+        if remat == "dots_saveable":  # outputs of the weight matmuls: q, k, v, o, gate, up, down
+            dots = self.c * (self.q / self.t_q + 2 * self.kv / self.t_kv + 2 * cfg.hidden_size
+                             + 2 * cfg.intermediate_size / self.t_mlp)
+            return carry + b * t * dots
+        raise ValueError(f"model.remat={remat!r}: none, full or dots_saveable")
+
+    def activations(self, b: int, t: int, remat: str) -> float:
+        """Training activations of b rows of t tokens: L layers' saved arrays, one layer's
+        recomputed forward (with remat), one layer's backward (activations + f32 score
+        gradients), and the [b, t, t] attention mask."""
+        layers = self.cfg.num_hidden_layers * self.saved_per_layer(b, t, remat)
+        recompute = 0 if remat == "none" else self.layer_forward(b, t, t)
+        backward = b * t * self.token_bytes() + self.attention(b, t, t, 4 + self.c)
+        return layers + recompute + backward + b * t * t
+
+    def logprob_head(self, b: int, t: int, chunk: int, grad: bool) -> float:
+        """Chunked LM-head log-probs: [b, chunk, V] float32 logits, their softmax (and with a
+        gradient the two gradients), never [b, t, V]; plus the final hidden states (and grad)."""
+        copies = 4 if grad else 2
+        hidden = (2 if grad else 1) * self.c * b * t * self.cfg.hidden_size
+        return copies * 4 * b * min(chunk, t) * self.cfg.vocab_size / self.t_vocab + hidden
+
+
+def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_len: int,
+                   new_tokens: int, reshard: bool, what: str) -> list[Item]:
+    """One sampler call (`generate`) over `prompts` x `samples` rows, as two phases: the prefill
+    of the prompts, then the decode loop over the repeated cache. `what`: the config field that
+    sets the number of prompts per call."""
+    cfg, c = model.cfg, model.c
+    slots, rows = prompt_len + new_tokens, prompts * samples
+    b_p = model.batch_rows(prompts)
+    prefill, decode = f"{phase}: prefill", f"{phase}: decode"
+    fewer = FEWER_ROWS.format(what=what)
+    prompt_cache = model.kv_cache(prompts, slots)
+
+    def weights(phase):
+        if reshard:
+            return Item(phase, "sampler weights (gathered over fsdp)", c * model.params(SAMPLER_RULES),
+                        f"a copy in the compute dtype ({c} B), split over tensor only",
+                        "mesh.sampler_reshard=False (decode from the fsdp-sharded weights), or "
+                        "mesh.tensor > 1")
+        return Item(phase, "gathered weights (2 layers + LM head)",
+                    2 * model.gathered_layer() + model.gathered_head(),
+                    "each forward all-gathers every layer over fsdp", "mesh.tensor > 1")
+
+    items = [
+        Item(prefill, "prompt KV cache", prompt_cache,
+             f"2 x L x {prompts} prompts x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
+        Item(prefill, "prefill logits [prompts, P, V] float32",
+             4.0 * b_p * prompt_len * cfg.vocab_size / model.t_vocab,
+             f"{b_p} prompts/device x {prompt_len} x V x 4 B (every position, not just the last)",
+             f"fewer prompts per sampler call (a smaller {what}); in the code: apply the LM head "
+             f"to the last prompt position only"),
+        Item(prefill, "prefill layer working set", model.layer_forward(b_p, prompt_len, slots),
+             "one layer over the prompts; scores against every cache slot",
+             f"fewer prompts per sampler call (a smaller {what}) or a shorter data.max_prompt_len"),
+        weights(prefill),
+        Item(decode, "KV cache", model.kv_cache(rows, slots),
+             f"2 x L x {rows} rows x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
+    ]
+    if samples > 1:
+        items.append(Item(decode, "prompt KV cache (while it is repeated per sample)", prompt_cache,
+                          f"the cache of {prompts} prompts", fewer))
+    items += [
+        Item(decode, "decode logits and sampling buffers",
+             4 * 4.0 * model.batch_rows(rows) * cfg.vocab_size / model.t_vocab,
+             "4 x [rows/device, V] float32 (logits, log-softmax, probabilities, filtered)", fewer),
+        weights(decode),
+    ]
+    return items
+
+
+def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
+    """Every per-device memory item of a run, by phase ("state" lives through every phase)."""
+    from sspo_jax.run_config import loss_config
+    model = Model(cfg, mesh, config.model.dtype, config.model.param_dtype)
+    s, t, r, e = rollout_shapes(config), config.train, config.rollout, config.eval
+    remat, chunk, pbytes = config.model.remat, t.logprob_chunk, model.p
+    params = pbytes * model.params()
+    items = [
+        Item("state", f"parameters ({config.model.param_dtype})", params, "sharded by the logical rules",
+             SHARD_MORE),
+        Item("state", "Adam moments (mu, nu)", 2 * params, "2 x parameters (optax keeps the param dtype)",
+             SHARD_MORE),
+    ]
+    kl = loss_config(config.loss).kl_beta > 0
+    if kl:
+        items.append(Item("state", "KL reference parameters", params, "a second copy of the policy",
+                          "loss.kl_beta=0 (no reference policy)"))
+    reshard = config.mesh.get("sampler_reshard", False)
+    items += _sampler_items(model, "sampling", s.prompts, s.samples, s.prompt_len, s.new_tokens,
+                            reshard, "rollout.prompts_per_step")
+    items += _sampler_items(model, "evaluation", e.batch_size, max(1, e.num_samples), s.prompt_len,
+                            e.max_new_tokens, reshard, "eval.batch_size")
+    b = model.batch_rows(s.micro_rows)
+    smaller_micro = ("" if remat == "full" else "model.remat=full, ") + (
+        "a smaller train.micro_batch_size (down to one row per device), or a shorter context "
+        "(the attention scores grow with its square)")
+    items += [
+        Item("training", "gradient accumulator", params, "zeros_like(params)", SHARD_MORE),
+        Item("training", "one micro-batch's gradients", params, "before they are added", SHARD_MORE),
+        Item("training", f"activations (remat={remat})", model.activations(b, s.seq, remat),
+             f"{b} rows/device x {s.seq} tokens; see docs/scaling.md", smaller_micro),
+        Item("training", "LM-head log-probs", model.logprob_head(b, s.new_tokens, chunk, grad=True),
+             f"chunks of {chunk} tokens x V, float32", "a smaller train.logprob_chunk"),
+        Item("training", "gathered weights (3 layers + LM head and its gradient)",
+             3 * model.gathered_layer() + 2 * model.gathered_head(),
+             "fsdp all-gathers one layer at a time", "mesh.tensor > 1"),
+        Item("training", "rollout batch arrays", model.batch_rows(s.rows) * (8 * s.seq + 20 * s.new_tokens),
+             "tokens, masks, old log-probs, segments, clip bounds", "more batch shards"),
+        Item("update", "gradients", params, "the accumulated mini-batch gradient", SHARD_MORE),
+        Item("update", "AdamW updates", params, "one params-sized temporary", SHARD_MORE),
+    ]
+    if r.old_logprobs == "recompute" or kl:
+        whole = model.batch_rows(s.rows)
+        fix = "rollout.old_logprobs=sampler and loss.kl_beta=0 (no forward over the whole batch)"
+        items += [
+            Item("recompute", "layer working set, whole rollout batch",
+                 model.layer_forward(whole, s.seq, s.seq),
+                 f"batch_logprobs runs all {s.rows} rows ({whole}/device) at once", fix),
+            Item("recompute", "LM-head log-probs", model.logprob_head(whole, s.new_tokens, chunk, grad=False),
+                 f"chunks of {chunk} tokens", fix),
+            Item("recompute", "gathered weights", 2 * model.gathered_layer() + model.gathered_head(),
+                 "", "mesh.tensor > 1"),
+        ]
+    return items
+
+
+def phase_totals(items: list[Item]) -> dict[str, float]:
+    """Bytes per device in each phase, the run-long state included."""
+    state = sum(i.bytes for i in items if i.phase == "state")
+    phases = dict.fromkeys(i.phase for i in items if i.phase != "state")
+    return {p: state + sum(i.bytes for i in items if i.phase == p) for p in phases}
+
+
+# ---------------------------------------------------------------- cost model
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    prompt_tokens: int
+    sampled_tokens: int
+    trained_tokens: int
+    prefill_flops: float
+    decode_flops: float
+    train_model_flops: float   # 6 N per token + attention: the MFU basis
+    train_flops: float         # executed, with rematerialisation
+    recompute_flops: float     # old log-probs / KL reference forwards
+    decode_step_bytes: float   # per device
+    decode_step_ici_bytes: float  # per device, fsdp weight all-gathers
+
+
+def forward_flops(cfg: Qwen2Config, rows: int, tokens: int, keys: int, head_tokens: int) -> float:
+    """rows x (2 x layer weights x tokens + 4 x q_dim x L x tokens x keys + 2 x V x H x head_tokens)."""
+    layers, head = matmul_params(cfg)
+    attn = 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * tokens * keys
+    return rows * (2 * layers * tokens + attn + 2 * head * head_tokens)
+
+
+def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
+    from sspo_jax.run_config import loss_config
+    s, t = rollout_shapes(config), config.train
+    model = Model(cfg, mesh, config.model.dtype, config.model.param_dtype)
+    # Training runs the dense padded [rows, prompt + response] arrays; the LM head only the
+    # response positions.
+    fwd = forward_flops(cfg, s.rows, s.seq, s.seq, s.new_tokens)
+    layers_fwd = fwd - forward_flops(cfg, s.rows, 0, 0, s.new_tokens)
+    attn_fwd = forward_flops(cfg, s.rows, s.seq, s.seq, 0) - forward_flops(cfg, s.rows, s.seq, 0, 0)
+    head_fwd = fwd - layers_fwd
+    recompute = {"none": 0.0, "full": layers_fwd, "dots_saveable": attn_fwd}[config.model.remat]
+    passes = t.ppo_epochs
+    forwards = int(config.rollout.old_logprobs == "recompute") + int(loss_config(config.loss).kl_beta > 0)
+    reshard = config.mesh.get("sampler_reshard", False)
+    # A decode step reads every weight once: the resharded compute-dtype copy, or each device's
+    # master shard (cast on the fly) plus, with fsdp > 1, the layers it all-gathers.
+    fsdp = mesh.sizes["fsdp"]
+    gathered = model.c * model.params(SAMPLER_RULES)
+    weights_read = gathered if reshard else model.p * model.params() + (gathered if fsdp > 1 else 0)
+    ici = 0.0 if reshard else gathered * (fsdp - 1) / fsdp
+    decode_logits = 3 * 4.0 * model.batch_rows(s.rows) * cfg.vocab_size / model.t_vocab
+    return Costs(
+        prompt_tokens=s.prompts * s.prompt_len,
+        sampled_tokens=s.rows * s.new_tokens,
+        trained_tokens=passes * s.rows * s.seq,
+        prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.seq, s.prompt_len),
+        decode_flops=s.new_tokens * forward_flops(cfg, s.rows, 1, s.seq, 1),
+        train_model_flops=passes * 3 * fwd,
+        train_flops=passes * (3 * fwd + recompute + head_fwd),  # the head's chunks are always rematerialised
+        recompute_flops=forwards * fwd,
+        decode_step_bytes=weights_read + model.kv_cache(s.rows, s.seq) + decode_logits,
+        decode_step_ici_bytes=ici,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Times:
+    """Seconds per RL step, (fast, slow) at the assumed utilisation ranges."""
+    prefill: tuple[float, float]
+    decode_roofline: float
+    decode: tuple[float, float]
+    train: tuple[float, float]
+    recompute: tuple[float, float]
+
+    @property
+    def total(self) -> tuple[float, float]:
+        parts = (self.prefill, self.decode, self.train, self.recompute)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def step_times(costs: Costs, chip: Chip, devices: int, decode_steps: int) -> Times:
+    """Compute-bound parts at TRAIN_MFU of the slice's peak; decoding at DECODE_EFFICIENCY of the
+    per-step roofline max(HBM bytes / bandwidth, FLOPs / peak, ICI bytes / ICI bandwidth)."""
+    peak = devices * chip.peak_flops
+    at_mfu = lambda flops: (flops / (peak * TRAIN_MFU[1]), flops / (peak * TRAIN_MFU[0]))  # noqa: E731
+    per_step = max(costs.decode_step_bytes / chip.hbm_bandwidth,
+                   costs.decode_flops / decode_steps / peak,
+                   costs.decode_step_ici_bytes / chip.ici_bandwidth if chip.ici_bandwidth else 0.0)
+    roofline = decode_steps * per_step
+    return Times(prefill=at_mfu(costs.prefill_flops), decode_roofline=roofline,
+                 decode=(roofline / DECODE_EFFICIENCY[1], roofline / DECODE_EFFICIENCY[0]),
+                 train=at_mfu(costs.train_model_flops), recompute=at_mfu(costs.recompute_flops))
+
+
+# ---------------------------------------------------------------- advice and report
+
+def problems(config, mesh: MeshPlan, items: list[Item], hbm: float) -> list[str]:
+    """What does not fit or does not split, each with the change that helps most."""
+    s, out = rollout_shapes(config), []
+    shards = mesh.batch_shards
+    for what, rows in (("rollout batch", s.rows), ("train.micro_batch_size", s.micro_rows)):
+        if rows % shards:
+            out.append(f"the {what} ({rows} rows) does not split over the {shards} batch shards "
+                       f"(data x fsdp): the trainer refuses it; use a multiple of {shards}")
+    limit = FIT_FRACTION * hbm
+    state = [i for i in items if i.phase == "state"]
+    if sum(i.bytes for i in state) > limit:
+        out.append(f"the state alone (parameters, Adam moments) takes "
+                   f"{gib(sum(i.bytes for i in state))} per device: {SHARD_MORE}")
+    for phase, total in phase_totals(items).items():
+        if total > limit:
+            biggest = max((i for i in items if i.phase == phase), key=lambda i: i.bytes)
+            out.append(f"{phase} needs {gib(total)} per device; its largest item is {biggest.name} "
+                       f"({gib(biggest.bytes)}): {biggest.fix}")
+    return out
+
+
+def fits(items: list[Item], hbm: float) -> bool:
+    return max(phase_totals(items).values()) <= FIT_FRACTION * hbm
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _flops(n: float) -> str:
+    return f"{n:.3g}"
+
+
+def _seconds(lo_hi: tuple[float, float]) -> str:
+    return f"{lo_hi[0]:.3g}-{lo_hi[1]:.3g} s"
+
+
+def render(config, config_name: str, slice_: Slice) -> str:
+    """The markdown report: setup, memory per phase, fit verdict, cost model."""
+    name, cfg = model_config(config)
+    mesh = resolve_mesh(config.mesh, slice_)
+    s, chip = rollout_shapes(config), slice_.chip
+    items = memory_plan(config, cfg, mesh)
+    totals = phase_totals(items)
+    hbm = chip.hbm_bytes
+    d, f, t = (mesh.sizes[a] for a in sharding.MESH_AXES)
+    lines = [
+        f"# Plan: {config_name} on {slice_.name}" + (f" x {mesh.slices} slices" if mesh.slices > 1 else ""),
+        "",
+        f"- model: {name}: {param_count(cfg) / 1e9:.3g}e9 parameters (hidden {cfg.hidden_size}, "
+        f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, "
+        f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} head); "
+        f"parameters {config.model.param_dtype}, compute {config.model.dtype}, remat {config.model.remat}",
+        f"- slice: {slice_.name}: {slice_.chips} chips ({slice_.hosts} host(s)) x {gib(hbm)} HBM, "
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip "
+        f"({chip.source})",
+        f"- mesh: data={d} fsdp={f} tensor={t} over {mesh.devices} devices (within a slice "
+        f"{mesh.ici}, slices {mesh.dcn}); the batch splits {mesh.batch_shards} ways",
+        f"- step: {s.prompts} prompts x {s.samples} samples = {s.rows} rows of {s.prompt_len} prompt + "
+        f"{s.new_tokens} new tokens; micro-batch {s.micro_rows} rows; "
+        f"{config.train.ppo_mini_batches} mini-batches x {config.train.ppo_epochs} epoch(s)",
+        "",
+        "## Memory per device",
+        "",
+        "| phase | item | per device | how |",
+        "| --- | --- | ---: | --- |",
+    ]
+    lines += [f"| {i.phase} | {i.name} | {gib(i.bytes)} | {i.formula} |" for i in items]
+    state = sum(i.bytes for i in items if i.phase == "state")
+    lines += ["", f"| phase | total with the state ({gib(state)}) | of HBM |", "| --- | ---: | ---: |"]
+    lines += [f"| {p} | {gib(v)} | {v / hbm:.0%} |" for p, v in totals.items()]
+    peak_phase = max(totals, key=totals.get)
+    issues = problems(config, mesh, items, hbm)
+    verdict = ("DOES NOT FIT" if not fits(items, hbm) else "FITS, BUT THE BATCH DOES NOT SPLIT"
+               if issues else "FITS")
+    lines += ["", f"**{verdict}**: peak {gib(totals[peak_phase])} per device ({peak_phase}) of "
+              f"{gib(hbm)} HBM (limit {FIT_FRACTION:.0%})."]
+    lines += [f"- {i}" for i in issues]
+
+    costs = cost_model(config, cfg, mesh)
+    times = step_times(costs, chip, mesh.devices, s.new_tokens)
+    lines += [
+        "", "## Cost per RL step", "",
+        f"Tokens (padded, as computed): prompts {costs.prompt_tokens:,}, sampled {costs.sampled_tokens:,} "
+        f"(every row runs until the longest stops; worst case max_new_tokens), trained "
+        f"{costs.trained_tokens:,} (rows x (prompt + response) x epochs).",
+        "",
+        "| part | FLOPs | time on this slice | basis |",
+        "| --- | ---: | ---: | --- |",
+        f"| sampling: prefill | {_flops(costs.prefill_flops)} | {_seconds(times.prefill)} | MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%} |",
+        f"| sampling: decode, {s.new_tokens} steps | {_flops(costs.decode_flops)} | {_seconds(times.decode)} | "
+        f"roofline {times.decode_roofline:.3g} s at {DECODE_EFFICIENCY[0]:.0%}-{DECODE_EFFICIENCY[1]:.0%}: "
+        f"{costs.decode_step_bytes / 1e9:.3g} GB HBM"
+        + (f" + {costs.decode_step_ici_bytes / 1e9:.3g} GB ICI" if costs.decode_step_ici_bytes else "")
+        + " per device per step |",
+        f"| training (model FLOPs) | {_flops(costs.train_model_flops)} | {_seconds(times.train)} | "
+        f"MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%}; executed with remat: {_flops(costs.train_flops)} |",
+    ]
+    if costs.recompute_flops:
+        lines.append(f"| old / reference log-probs | {_flops(costs.recompute_flops)} | "
+                     f"{_seconds(times.recompute)} | forward only |")
+    lines += [f"| **total** (grading and evaluation not included) | | **{_seconds(times.total)}** | |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config_flag = flags.FLAGS["config"]
+    name = config_flag.config_filename
+    overrides = config_flags.get_override_values(config_flag)
+    if overrides:
+        name += " " + " ".join(f"{k}={v}" for k, v in sorted(_flatten(overrides).items()))
+    try:
+        text = render(config_flag.value, name, parse_slice(_SLICE.value))
+    except ValueError as e:  # a bad slice name, mesh or model: one line, no traceback
+        sys.exit(f"error: {e}")
+    print(text, end="")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+if __name__ == "__main__":
+    # Flags are defined only when run as a program (as in sspo_jax.train).
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
+        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+    _SLICE = flags.DEFINE_string("slice", "v5p-8", "TPU accelerator type: v4-8, v5e-8 "
+                                 "(v5litepod-8), v5p-8, v5p-64, v6e-8, ...")
+    app.run(main)

@@ -1,0 +1,208 @@
+"""The memory plan and cost model (sspo_jax.plan): counts against real models and hand
+computations, sharding against sharding.logical_to_spec, the CLI end to end."""
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from sspo_jax import model as M, plan, policy_update, sharding
+from sspo_jax.run_config import base_config
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+def tiny(**kw):
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return M.Qwen2Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw", [
+    dict(tie_word_embeddings=True),                                  # tied head, GQA 4/2
+    dict(tie_word_embeddings=False),                                 # untied head
+    dict(num_key_value_heads=4, head_dim=16, tie_word_embeddings=False),  # no GQA, head_dim != H/heads
+    dict(num_key_value_heads=1, num_hidden_layers=1),                # one kv head
+])
+def test_param_count_equals_the_real_model(kw):
+    cfg = tiny(**kw)
+    real = nnx.eval_shape(lambda: M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))  # shapes only
+    leaves = jax.tree.leaves(nnx.state(real, nnx.Param))
+    assert plan.param_count(cfg) == sum(x.size for x in leaves)
+    assert sum(math.prod(shape) for shape, _ in plan.param_arrays(cfg)) == plan.param_count(cfg)
+    assert len(plan.param_arrays(cfg)) == len(leaves)
+
+
+def test_known_hub_models_have_their_published_sizes():
+    # Qwen2.5-1.5B: 1.54B (model card); Qwen2.5-7B: 7.616B (hub metadata); the Math models
+    # share these architectures.
+    sizes = {name: plan.param_count(M.Qwen2Config(**arch)) for name, arch in plan.KNOWN_MODELS.items()}
+    assert round(sizes["Qwen/Qwen2.5-Math-1.5B"] / 1e9, 2) == 1.54
+    assert round(sizes["Qwen/Qwen2.5-Math-7B"] / 1e9, 3) == 7.616
+
+
+@pytest.mark.parametrize("names,shape,sizes", [
+    (("vocab", "embed"), (101, 32), {"data": 2, "fsdp": 4, "tensor": 1}),
+    (("layers", "embed", "kv_heads"), (3, 32, 16), {"data": 1, "fsdp": 2, "tensor": 4}),
+    (("layers", "batch", "kv_heads", "kv_seq", "head_dim"), (2, 12, 2, 10, 4),
+     {"data": 2, "fsdp": 3, "tensor": 4}),
+    (("batch", "seq", "vocab"), (6, 5, 100), {"data": 4, "fsdp": 2, "tensor": 8}),
+])
+def test_shard_divisor_follows_the_trainers_rules(names, shape, sizes):
+    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    spec = sharding.logical_to_spec(names, shape, mesh)
+    used = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    assert plan.shard_divisor(names, shape, sizes) == math.prod(sizes[a] for a in used)
+
+
+@pytest.mark.parametrize("fsdp", [1, 2, 4, 8])
+def test_parameter_bytes_scale_as_one_over_fsdp(fsdp):
+    cfg = tiny(hidden_size=64, intermediate_size=128)
+    L, h = cfg.num_hidden_layers, cfg.hidden_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    replicated = h + L * (2 * h + q + 2 * kv)  # norms and biases have no `embed` axis
+    mesh = plan.MeshPlan((1, fsdp, 1), (1, 1, 1), fsdp)
+    model = plan.Model(cfg, mesh, "bfloat16", "float32")
+    assert model.params() == replicated + (plan.param_count(cfg) - replicated) / fsdp
+
+
+def test_kv_cache_bytes_by_hand():
+    cfg = tiny(num_hidden_layers=2, num_key_value_heads=2, head_dim=4)
+    # 8 rows, 10 slots, bf16. data 2 x fsdp 2 split the rows 4 ways, tensor 2 splits the 2 kv heads.
+    model = plan.Model(cfg, plan.MeshPlan((2, 2, 2), (1, 1, 1), 8), "bfloat16", "float32")
+    k_and_v = 2 * 2 * 8 * 2 * 10 * 4 * 2          # k and v x layers x rows x heads x slots x dim x bytes
+    assert model.kv_cache(8, 10) == k_and_v / (4 * 2) + 8 * 10 / 4   # + the bool mask, rows split 4 ways
+    # tensor 4 does not divide 2 kv heads: the cache is replicated over tensor.
+    model = plan.Model(cfg, plan.MeshPlan((1, 2, 4), (1, 1, 1), 8), "bfloat16", "float32")
+    assert model.kv_cache(8, 10) == k_and_v / 2 + 8 * 10 / 2
+
+
+def test_slices_and_meshes():
+    assert (plan.parse_slice("v4-8").chips, plan.parse_slice("v4-8").hosts) == (4, 1)
+    assert (plan.parse_slice("v5p-64").chips, plan.parse_slice("v5p-64").hosts) == (32, 8)
+    assert plan.parse_slice("v5litepod-8").chip is plan.CHIPS["v5e"]
+    assert plan.parse_slice("v5e-8").chips == 8
+    with pytest.raises(ValueError, match="multiple of that"):
+        plan.parse_slice("v5p-7")
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    assert plan.resolve_mesh(c.mesh, plan.parse_slice("v5p-64")).ici == (1, 32, 1)
+    c.mesh.dcn_data = 2  # two slices along data
+    mesh = plan.resolve_mesh(c.mesh, plan.parse_slice("v5p-64"))
+    assert (mesh.devices, mesh.sizes["data"], mesh.batch_shards) == (64, 2, 64)
+    c.mesh.fsdp, c.mesh.tensor = 3, 1
+    with pytest.raises(ValueError, match="does not fit the 32 devices"):
+        plan.resolve_mesh(c.mesh, plan.parse_slice("v5p-64"))
+
+
+@pytest.mark.parametrize("name", ["v9-8", "tpu-8", "v5p"])
+def test_unknown_slice_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=f"unknown TPU slice '{name}'.*v5p-64"):
+        plan.parse_slice(name)
+
+
+def test_training_flops_are_six_n_per_token_when_attention_is_negligible():
+    c = base_config()
+    c.model.hf_dir = "Qwen/Qwen2.5-Math-1.5B"
+    c.model.remat = "none"
+    c.data.max_prompt_len, c.rollout.max_new_tokens = 16, 16  # a short context: attention ~1%
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS[c.model.hf_dir])
+    mesh = plan.resolve_mesh(c.mesh, plan.parse_slice("v5p-8"))
+    costs = plan.cost_model(c, cfg, mesh)
+    layers, head = plan.matmul_params(cfg)
+    rows = c.rollout.prompts_per_step * c.rollout.num_samples
+    six_n = 6 * rows * (layers * 32 + head * 16)  # the LM head runs on the 16 response slots only
+    assert costs.trained_tokens == rows * 32
+    assert 1 < costs.train_model_flops / six_n < 1.02
+    # no remat: executed = model FLOPs + the log-prob chunks' recomputed head forward
+    assert costs.train_flops == pytest.approx(costs.train_model_flops + 2 * rows * head * 16)
+    times = plan.step_times(costs, plan.CHIPS["v5p"], 4, 16)
+    assert times.train[0] == pytest.approx(costs.train_model_flops / (4 * 459e12 * plan.TRAIN_MFU[1]))
+
+
+def test_remat_orders_the_activation_estimate():
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"])
+    model = plan.Model(cfg, plan.MeshPlan((1, 8, 1), (1, 1, 1), 8), "bfloat16", "float32")
+    none, dots, full = (model.activations(1, 4024, r) for r in ("none", "dots_saveable", "full"))
+    assert none > dots > full
+    # full remat keeps one [T, hidden] per layer plus one layer's working set, recomputed
+    assert full < 2 * model.layer_forward(1, 4024, 4024) + 28 * 4024 * 1536 * 2 + 4024 ** 2 + 4024 * model.token_bytes()
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_activation_estimate_brackets_xla_cpu_temporaries(remat):
+    """XLA's own count of the temporaries of a training forward + backward on CPU (one device,
+    float32) lies between 0.5x and 1.25x of the plan's activations + chunked log-prob head:
+    the estimate is conservative, not wild."""
+    cfg = tiny(vocab_size=2000, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    b, t, r = 4, 512, 384
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), remat=remat)))
+
+    def loss(params, tokens):
+        m = nnx.merge(graphdef, params)
+        logp, _ = policy_update.response_logprobs(m, tokens, jnp.ones_like(tokens), t - r, 1.0, 128)
+        return logp.sum()
+
+    lowered = jax.jit(jax.grad(loss)).lower(params, jax.ShapeDtypeStruct((b, t), jnp.int32))
+    # No LLVM optimisation: the buffer assignment is the same, the compile 2x faster.
+    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0,
+                                                 "xla_llvm_disable_expensive_passes": True})
+    xla = compiled.memory_analysis().temp_size_in_bytes
+    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "float32", "float32")
+    ours = model.activations(b, t, remat) + model.logprob_head(b, r, 128, grad=True)
+    assert 0.5 < xla / ours < 1.25, (xla, ours)
+
+
+def test_report_flags_what_does_not_fit_or_split():
+    def report(config_file, slice_name, **overrides):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", config_file))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config("sspo")
+        c.mesh.data, c.mesh.fsdp = 1, -1
+        for key, value in overrides.items():
+            section, field = key.split("__")
+            c[section][field] = value
+        return plan.render(c, config_file, plan.parse_slice(slice_name))
+
+    fits = report("qwen2_5_math_1_5b.py", "v5p-8")
+    assert "**FITS**" in fits and "Qwen/Qwen2.5-Math-1.5B" in fits
+    small = report("qwen2_5_math_1_5b.py", "v5e-8")
+    assert "**DOES NOT FIT**" in small and "KV cache" in small and "rollout.prompts_per_step" in small
+    assert "**FITS**" in report("qwen2_5_math_1_5b.py", "v5e-8", rollout__prompts_per_step=64)
+    wide = report("qwen2_5_math_1_5b.py", "v5p-64")
+    assert "does not split over the 32 batch shards" in wide
+    assert "does not split" not in report("qwen2_5_math_1_5b.py", "v5p-64", train__micro_batch_size=32)
+
+
+def run_cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "sspo_jax.plan", *args], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=300)
+
+
+def test_cli_on_the_demo_and_the_1p5b_config():
+    demo = run_cli("--config=configs/demo.py", "--slice=v5e-8")
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "tiny demo model" in demo.stdout and "| state | parameters (float32) |" in demo.stdout
+    assert "**FITS**" in demo.stdout and "## Cost per RL step" in demo.stdout
+    big = run_cli("--config=configs/qwen2_5_math_1_5b.py:sspo", "--slice=v5p-8",
+                  "--config.mesh.data=1", "--config.mesh.fsdp=4")
+    assert big.returncode == 0, big.stderr[-2000:]
+    assert "mesh.fsdp=4" in big.stdout and "data=1 fsdp=4 tensor=1" in big.stdout
+    for piece in ["| sampling: decode | KV cache |", "activations (remat=full)", "Adam moments",
+                  "| training (model FLOPs) |", "**total**"]:
+        assert piece in big.stdout, piece
+
+
+def test_cli_unknown_slice():
+    proc = run_cli("--config=configs/demo.py", "--slice=v9-8")
+    assert proc.returncode != 0
+    assert "error: unknown TPU slice 'v9-8'" in proc.stderr and "Traceback" not in proc.stderr
