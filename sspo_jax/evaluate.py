@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from sspo_jax import distributed, sampling
 from sspo_jax import rewards as rewards_lib
-from sspo_jax import sampling
 from sspo_jax.data.pipeline import PromptPipeline
 
 
@@ -53,7 +53,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, template: str, max_
         texts = decode_responses(tokenizer, out.tokens, out.mask)
         golds = [a for a, ok in zip(batch["answer"], valid) for _ in range(num_samples) if ok]
         kept = [t for j, t in enumerate(texts) if valid[j // num_samples]]
-        results = grader.grade(kept, golds, timeout=timeout)
+        results = distributed.grade_across_hosts(grader, kept, golds, timeout)
         all_results += results
         for r in range(int(valid.sum())):
             mine = results[r * num_samples:(r + 1) * num_samples]
@@ -88,19 +88,24 @@ def _fill_padding_rows(ids, mask, valid):
 
 def decode_responses(tokenizer, tokens, mask) -> list[str]:
     """Response texts: each row's masked tokens, without the EOS and special tokens."""
-    tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
+    tokens, mask = distributed.to_numpy(tokens), distributed.to_numpy(mask).astype(bool)
     return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask)],
                                   skip_special_tokens=True)
 
 
 def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
-    """Evaluates the policy of `workdir` (or `model.hf_dir`); writes and returns the summary."""
+    """Evaluates the policy of `workdir` (or `model.hf_dir`); writes and returns the summary.
+
+    On the config's mesh; with several processes all take part and process 0 writes the files."""
     from sspo_jax import metrics as metrics_lib
+    from sspo_jax import sharding
     from sspo_jax.data.benchmarks import FIVE_BENCHMARKS
     from sspo_jax.policy_bootstrap import build_policy, eval_rows, restore_params
 
     e = config.eval
-    tokenizer, model = build_policy(config)
+    mesh = sharding.mesh_from_config(config.mesh)
+    tokenizer, model = build_policy(config, mesh)
+    sharding.shard_model(model, mesh)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     source = config.model.hf_dir or "a random model"
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -123,8 +128,9 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
                     model, tokenizer, rows, **common, temperature=e.temperature,
                     num_samples=e.num_samples, top_p=e.top_p, rng=jax.random.key(config.seed))
                 result.update(sampled=sampled, sampled_records=sampled_records)
-            with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-                json.dump(result, f, indent=1)
+            if distributed.is_chief():
+                with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+                    json.dump(result, f, indent=1)
             summaries[name] = {"pass@1": greedy["accuracy"], "problems": greedy["problems"],
                                "no_answer": greedy.get("reason/no_answer", 0)}
             if e.num_samples > 1:
@@ -139,11 +145,12 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
         table_rows.append(["average (5 benchmarks)", *[summary["five_benchmark_average"]
                                                        if k == "pass@1" else "" for k in keys]])
     table = metrics_lib.markdown_table(["benchmark", *keys], table_rows)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(f"# Evaluation of {source}\n\n{table}\n")
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(table, flush=True)
+    if distributed.is_chief():
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write(f"# Evaluation of {source}\n\n{table}\n")
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(table, flush=True)
     return summary
 
 
@@ -151,6 +158,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from sspo_jax import run_config
+    distributed.initialize_from_flags()
     config = _CONFIG.value
     run_config.validate(config)
     run_evaluation(config, _WORKDIR.value, _STEP.value)
@@ -163,4 +171,5 @@ if __name__ == "__main__":
         "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory holding checkpoints/.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: newest).")
+    distributed.define_flags()
     app.run(main)

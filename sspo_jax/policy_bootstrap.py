@@ -14,9 +14,13 @@ from sspo_jax import model as model_lib
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_policy(config):
+def build_policy(config, mesh=None):
     """(tokenizer, model): a Hugging Face checkpoint, or a random tiny Qwen2 with the project's
-    own synthetic-task tokenizer (the CPU demo)."""
+    own synthetic-task tokenizer (the CPU demo).
+
+    A Hugging Face checkpoint is loaded straight onto `mesh` (each device reads its shards); the
+    tiny model is built on one device (every process the same, from the seed) and sharded by the
+    caller (`sharding.shard_model`), after the warm start if there is one."""
     m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
     from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
@@ -24,7 +28,7 @@ def build_policy(config):
         hf_dir = _local_checkpoint(m.hf_dir)
         tokenizer = load_tokenizer(m.tokenizer_dir or hf_dir)
         model = model_lib.from_pretrained(hf_dir, dtype=dtype, param_dtype=param_dtype,
-                                          remat=m.remat)
+                                          remat=m.remat, mesh=mesh)
         return tokenizer, model
     tokenizer = load_tokenizer(m.tokenizer_dir) if m.tokenizer_dir else build_tokenizer()
     tiny = dict(m.tiny)
@@ -49,13 +53,14 @@ def optimizer_from_config(config):
 def restore_params(config, model, checkpoint_dir: str, step: int | None = None) -> int:
     """Loads the policy parameters of a training checkpoint into `model`; returns the step."""
     from sspo_jax.checkpoint import Checkpointer
+    from sspo_jax.policy_update import init_optimizer
     ckpt = Checkpointer(checkpoint_dir, save_every=1)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: train first, or evaluate a "
                                 f"Hugging Face directory with --config.model.hf_dir")
     _, params = nnx.split(model)
-    opt_state = optimizer_from_config(config).init(params)
+    opt_state = init_optimizer(optimizer_from_config(config), params)
     state, _ = ckpt.restore({"params": params, "opt_state": opt_state}, step=step)
     nnx.update(model, state["params"])
     ckpt.close()
@@ -96,7 +101,7 @@ def load_task(config) -> tuple[list[dict] | str, list[dict]]:
     return source, rows[: e.num_prompts] if e.num_prompts else rows
 
 
-def write_run_info(workdir: str, config) -> None:
+def write_run_info(workdir: str, config, mesh=None) -> None:
     """The config and the software/hardware it ran on, for reproducing the run (process 0)."""
     if jax.process_index() != 0:
         return
@@ -110,6 +115,7 @@ def write_run_info(workdir: str, config) -> None:
                      "orbax-checkpoint": orbax.checkpoint.__version__},
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
+        "mesh": dict(mesh.shape) if mesh is not None else None,
     }
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))

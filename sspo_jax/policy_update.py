@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sspo_jax import logprobs, losses
 from sspo_jax.loss_metrics import combine_metrics
+from sspo_jax.sharding import constrain
 
 
 @struct.dataclass
@@ -72,13 +74,22 @@ def make_optimizer(lr: float, *, schedule: str = "constant", warmup_steps: int =
 
 
 def init_optimizer(optimizer, params):
-    """`optimizer.init(params)` with every leaf committed to its device.
+    """`optimizer.init(params)` with every leaf committed to the params' devices.
 
-    optax creates some leaves (step counts) as uncommitted scalars; the update returns them
-    committed, and jit compiles a second program for the changed input. Committing them up front
-    keeps one compilation for the whole run.
+    optax creates some leaves (step counts) as scalars on the default device, uncommitted; the
+    update returns them committed (and, under a mesh, replicated over it), and jit would compile
+    a second program for the changed input, or refuse the mix of devices. So: the moments are
+    made under jit (sharded like the parameters) and the counts are replicated over the
+    parameters' devices.
     """
-    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), optimizer.init(params))
+    home = jax.tree.leaves(params)[0].sharding
+    replicated = (NamedSharding(home.mesh, PartitionSpec()) if isinstance(home, NamedSharding)
+                  else home)
+
+    def commit(x):
+        return jax.device_put(x, x.sharding if x.sharding.device_set == home.device_set else replicated)
+
+    return jax.tree.map(commit, jax.jit(optimizer.init)(params))
 
 
 def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperature: float,
@@ -135,7 +146,11 @@ def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
     mask = batch.response_mask.astype(jnp.float32)
     num_tokens = jnp.sum(mask)
     num_seqs = jnp.sum(jnp.sum(mask, axis=1) > 0)
-    micro = jax.tree.map(lambda x: x.reshape(rows // mbs, mbs, *x.shape[1:]), batch)
+    # Each micro-batch is split over the mesh's batch axes (not the scan axis over micro-batches).
+    mesh = getattr(nnx.merge(graphdef, params), "mesh", None)
+    micro = jax.tree.map(
+        lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]),
+                            (None, "batch") + (None,) * (x.ndim - 1), mesh), batch)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def accumulate(grad_sum, mb):

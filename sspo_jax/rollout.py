@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sspo_jax import losses, segments
+from sspo_jax.distributed import to_numpy
 from sspo_jax.policy_update import PolicyBatch
+from sspo_jax.sharding import named_sharding, put_global
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +55,22 @@ def _batch_statistics(tokens, mask, entropy, rewards, ends, dot_end, digit_start
 
 def assemble(prompt_ids, prompt_mask, sample, rewards, *, num_samples: int,
              loss_cfg: losses.LossConfig, tables: SegmentTables,
-             filter_zero_variance: bool = False, ref_logp=None):
+             filter_zero_variance: bool = False, ref_logp=None, mesh=None):
     """(PolicyBatch, rollout metrics) from one rollout batch.
 
     prompt_ids, prompt_mask: `[Bp, P]` left-padded prompts; sample: the sampler's output with
     `Bp * num_samples` prompt-major rows (`tokens, logprobs, mask, entropy, lengths, truncated`);
-    rewards: `[Bp * num_samples]`. The sampler's log-probs become the old policy's.
+    rewards: `[Bp * num_samples]`. The sampler's log-probs become the old policy's. With a
+    `mesh`, the host arrays (prompts, rewards: the same on every process) are placed on it with
+    the batch split like the sampler's output.
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
+    def place(x):
+        x = np.asarray(x)
+        if mesh is None:
+            return jnp.asarray(x)
+        return put_global(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+
+    rewards = place(np.asarray(rewards, np.float32))
     n_rows = sample.tokens.shape[0]
     if n_rows != prompt_ids.shape[0] * num_samples or rewards.shape != (n_rows,):
         raise ValueError(f"rollout shapes disagree: {prompt_ids.shape[0]} prompts x {num_samples} "
@@ -69,8 +79,8 @@ def assemble(prompt_ids, prompt_mask, sample, rewards, *, num_samples: int,
         sample.tokens, sample.mask, sample.entropy, rewards, tables.ends, tables.dot_end,
         tables.digit_start, group_size=num_samples, loss_cfg=loss_cfg,
         filter_zero_variance=filter_zero_variance)
-    prompts = jnp.repeat(jnp.asarray(prompt_ids), num_samples, axis=0)
-    prompt_attn = jnp.repeat(jnp.asarray(prompt_mask), num_samples, axis=0)
+    prompts = place(np.repeat(np.asarray(prompt_ids), num_samples, axis=0))
+    prompt_attn = place(np.repeat(np.asarray(prompt_mask), num_samples, axis=0))
     batch = PolicyBatch(
         tokens=jnp.concatenate([prompts, sample.tokens.astype(prompts.dtype)], axis=1),
         attention_mask=jnp.concatenate([prompt_attn.astype(jnp.int32),
@@ -83,16 +93,16 @@ def assemble(prompt_ids, prompt_mask, sample, rewards, *, num_samples: int,
         eps_high=hi,
         ref_logp=ref_logp,
     )
-    lengths = np.asarray(sample.lengths)
-    r = np.asarray(rewards)
+    lengths = to_numpy(sample.lengths)
+    r = to_numpy(rewards)
     metrics = {
         "reward/mean": float(r.mean()),
         "reward/std": float(r.std()),
-        "groups/zero_variance_frac": float(np.asarray(flat_group).reshape(-1, num_samples)[:, 0].mean()),
+        "groups/zero_variance_frac": float(to_numpy(flat_group).reshape(-1, num_samples)[:, 0].mean()),
         "response/length_mean": float(lengths.mean()),
         "response/length_max": int(lengths.max()),
-        "response/truncated_frac": float(np.asarray(sample.truncated).mean()),
-        "advantage/abs_mean": float(np.abs(np.asarray(adv)).mean()),
+        "response/truncated_frac": float(to_numpy(sample.truncated).mean()),
+        "advantage/abs_mean": float(np.abs(to_numpy(adv)).mean()),
     }
     return batch, metrics
 

@@ -99,7 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=32,
     ))
     c.warm_start = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, batch_size=32, examples=4000))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Device mesh (docs/scaling.md): data / fsdp / tensor sizes within a slice (one may be -1:
+    # the rest of the devices), dcn_* the number of slices along each axis (multi-slice), devices
+    # the number of devices used (0: all of them). The batch is split over data x fsdp; weights
+    # and Adam moments over fsdp (and tensor). sampler_reshard: decode with a copy of the weights
+    # gathered over fsdp (one more copy in memory, no per-token weight all-gathers).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                            dcn_tensor=1, devices=0, sampler_reshard=False))
     # Testing hooks: inject_nan_step poisons that step's advantages to exercise the skip path.
     c.debug = ml_collections.ConfigDict(dict(inject_nan_step=0))
     return c
@@ -150,8 +156,11 @@ def loss_config(loss: ml_collections.ConfigDict) -> losses.LossConfig:
     return losses.preset(loss.name, **overrides)
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ValueError naming the first bad field and the fix, before anything compiles."""
+def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
+    """Raises ValueError naming the first bad field and the fix, before anything compiles.
+
+    batch_shards: how many ways the mesh splits the batch (data x fsdp, `sharding.batch_shards`).
+    """
     def need(ok, msg):
         if not ok:
             raise ValueError(f"bad config: {msg}")
@@ -172,8 +181,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     need(t.micro_batch_size >= 1 and mini % t.micro_batch_size == 0,
          f"a mini-batch of {mini} rows is not divisible into micro-batches of "
          f"train.micro_batch_size={t.micro_batch_size}")
-    need(t.micro_batch_size % num_devices == 0 or num_devices % t.micro_batch_size == 0,
-         f"train.micro_batch_size={t.micro_batch_size} does not split over {num_devices} devices")
+    need(rows % batch_shards == 0 and t.micro_batch_size % batch_shards == 0,
+         f"the batch is split {batch_shards} ways by the mesh (mesh.data x mesh.fsdp), but the "
+         f"rollout batch has {rows} rows and train.micro_batch_size={t.micro_batch_size}: both "
+         f"must be multiples of {batch_shards} (or change the mesh)")
     need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype={c.model.dtype!r}: float32 or bfloat16")

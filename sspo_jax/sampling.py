@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx, struct
 
 from sspo_jax import sampling_filters
+from sspo_jax.distributed import to_numpy
 from sspo_jax.sharding import named_sharding
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, template: str = "
     out = generate(model, ids, mask, jax.random.key(0) if rng is None else rng, num_samples=num_samples,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    eos_ids=eos_ids, pad_id=pad_id)
-    tokens, lengths, truncated = (np.asarray(a) for a in (out.tokens, out.lengths, out.truncated))
+    tokens, lengths, truncated = (to_numpy(a) for a in (out.tokens, out.lengths, out.truncated))
     # Drop the closing EOS of finished rows.
     return [tokenizer.decode(tokens[r, :lengths[r] - (0 if truncated[r] else 1)].tolist())
             for r in range(tokens.shape[0])]

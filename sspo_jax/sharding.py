@@ -39,33 +39,90 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A `(data, fsdp, tensor)` mesh over `devices` (default: all). One size may be -1: the rest."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None,
+              *, dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (default: all, every process's).
+
+    data/fsdp/tensor are the sizes within a slice (one may be -1: the rest). `dcn` gives the
+    number of slices along each axis for multi-slice runs: axis i spans `dcn[i] * size[i]` devices,
+    with the slices (joined by the slow data-center network) outermost, so only the axis that
+    crosses slices (usually `data`) communicates over DCN. Device order comes from
+    `jax.experimental.mesh_utils`, which knows the TPU interconnect topology.
+    """
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    dcn = tuple(int(d) for d in dcn)
+    if len(dcn) != 3 or any(d < 1 for d in dcn):
+        raise ValueError(f"make_mesh: dcn must be three sizes >= 1 (data, fsdp, tensor), got {dcn}")
+    slices = math.prod(dcn)
+    if len(devices) % slices:
+        raise ValueError(f"make_mesh: {len(devices)} devices do not split into {slices} slices (dcn={dcn})")
+    ici = _resolve_sizes([data, fsdp, tensor], len(devices) // slices)
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"),
+            allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES)
+
+
+def _resolve_sizes(sizes: list[int], num_devices: int) -> tuple[int, ...]:
+    """Replace the one -1 in `sizes` by what is left of `num_devices`; check the product."""
     if sizes.count(-1) > 1:
         raise ValueError(f"make_mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"make_mesh: mesh sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices do not split into data x fsdp x tensor = {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"make_mesh: {num_devices} devices do not split into data x fsdp x tensor = {sizes}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are given; "
-            "use -1 for one axis to take the rest")
-    grid = np.asarray(devices, dtype=object).reshape(sizes)
-    return Mesh(grid, MESH_AXES)
+            f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are given "
+            "(per slice); use -1 for one axis to take the rest")
+    return tuple(sizes)
+
+
+def mesh_from_config(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
+    """The mesh of a run config's `mesh` block: data/fsdp/tensor within a slice, dcn_* across
+    slices, `devices` > 0 to use only the first that many devices (one process only).
+
+    Raises ValueError naming the mesh fields when they do not fit the devices.
+    """
+    get = mesh_cfg.get
+    devices = list(jax.devices() if devices is None else devices)
+    wanted = get("devices", 0) or len(devices)
+    if wanted > len(devices) or (wanted < len(devices) and jax.process_count() > 1):
+        raise ValueError(f"bad config: mesh.devices={wanted} but {len(devices)} devices are here "
+                         f"(0 = all; a multi-process run must use all)")
+    dcn = (get("dcn_data", 1), get("dcn_fsdp", 1), get("dcn_tensor", 1))
+    try:
+        return make_mesh(get("data", 1), get("fsdp", -1), get("tensor", 1), devices[:wanted], dcn=dcn)
+    except ValueError as e:
+        raise ValueError(f"bad config: mesh (data={get('data', 1)}, fsdp={get('fsdp', -1)}, "
+                         f"tensor={get('tensor', 1)}, dcn={dcn}) does not fit {wanted} devices: {e}") from e
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch axis is split (the data-parallel degree: data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in _as_tuple(LOGICAL_RULES["batch"]) if a in mesh.shape)
+
+
+def _as_tuple(target) -> tuple[str, ...]:
+    return () if target is None else ((target,) if isinstance(target, str) else tuple(target))
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+                    mesh: Mesh | None = None, rules: dict | None = None) -> PartitionSpec:
     """PartitionSpec for logical axis `names` by LOGICAL_RULES.
 
     With `shape` and `mesh`, mesh axes that do not divide a dimension are dropped (replicated).
+    `rules` replaces LOGICAL_RULES (e.g. SAMPLER_RULES).
     """
+    rules = LOGICAL_RULES if rules is None else rules
     if shape is not None and len(shape) != len(names):
         raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
     used: set[str] = set()
@@ -74,10 +131,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
         if name is None:
             spec.append(None)
             continue
-        if name not in LOGICAL_RULES:
+        if name not in rules:
             raise KeyError(f"unknown logical axis name {name!r}; add it to sspo_jax.sharding.LOGICAL_RULES")
-        target = LOGICAL_RULES[name]
-        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        axes = _as_tuple(rules[name])
         kept = []
         size = None if shape is None else shape[dim]
         for ax in axes:
@@ -96,9 +152,10 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int],
+                   rules: dict | None = None) -> NamedSharding:
     """NamedSharding on `mesh` for an array of `shape` whose axes are called `names`."""
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
 def _context_mesh():
@@ -121,7 +178,7 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
     return variable.get_metadata().get("out_sharding")
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
+def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
     """NamedSharding pytree for an nnx State (real or abstract) from each Variable's logical axes.
 
     Variables without annotations are replicated.
@@ -131,18 +188,41 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         shape = v.shape
         if names is None:
             return NamedSharding(mesh, PartitionSpec())
-        return named_sharding(mesh, names, shape)
+        return named_sharding(mesh, names, shape, rules)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Moves every parameter of `model` onto `mesh` by its logical axes (in place; returns model)."""
+    """Moves every parameter of `model` onto `mesh` by its logical axes (in place; returns model).
+
+    With several processes each must hold the same values (e.g. the same seed): every process
+    places the parts its own devices hold.
+    """
     state = nnx.state(model)
     shardings = state_shardings(state, mesh)
     values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    placed = jax.tree.map(jax.device_put, values, shardings)
-    nnx.update(model, placed)
+    nnx.update(model, jax.tree.map(put_global, values, shardings))
     if hasattr(model, "mesh"):
         model.mesh = mesh
     return model
+
+
+def put_global(value: Any, sharding: NamedSharding) -> jax.Array:
+    """`value` (the same on every process) placed with `sharding`, which may span processes."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+# For decoding, FSDP-sharded weights would be all-gathered layer by layer at every decode step.
+# The sampler may instead get a copy gathered over fsdp once per RL step (sharded over tensor
+# only): one more copy of the weights per device, no per-token weight traffic.
+SAMPLER_RULES = {**LOGICAL_RULES, "embed": None}
+
+
+def sampler_params(params: Any, abstract_state: Any, mesh: Mesh) -> Any:
+    """A copy of `params` laid out by SAMPLER_RULES (`abstract_state`: the model's nnx State,
+    whose Variables carry the logical axes)."""
+    return jax.device_put(params, state_shardings(abstract_state, mesh, SAMPLER_RULES))

@@ -21,8 +21,10 @@ from flax import nnx
 from ml_collections import config_flags
 
 from sspo_jax import checkpoint as ckpt_lib
-from sspo_jax import evaluate, metrics as metrics_lib, policy_update, rollout, run_config, sampling
+from sspo_jax import distributed, evaluate, metrics as metrics_lib, policy_update, rollout
 from sspo_jax import rewards as rewards_lib
+from sspo_jax import run_config, sampling, sharding
+from sspo_jax.distributed import to_numpy
 from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.policy_bootstrap import (build_policy, load_task, optimizer_from_config,
                                        write_run_info)
@@ -33,12 +35,18 @@ CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", 
 
 
 def train_and_evaluate(config, workdir: str) -> list[dict]:
-    """Runs (or resumes) the configured training; returns the metric rows of this invocation."""
-    run_config.validate(config, num_devices=1)
+    """Runs (or resumes) the configured training; returns the metric rows of this invocation.
+
+    With several JAX processes every process calls this with the same arguments (see
+    sspo_jax/distributed.py); only process 0 writes logs, metrics and plots.
+    """
+    mesh = sharding.mesh_from_config(config.mesh)
+    run_config.validate(config, batch_shards=sharding.batch_shards(mesh))
     loss_cfg = run_config.loss_config(config.loss)
+    is_chief = distributed.is_chief()
     os.makedirs(workdir, exist_ok=True)
-    write_run_info(workdir, config)
-    tokenizer, model = build_policy(config)
+    write_run_info(workdir, config, mesh)
+    tokenizer, model = build_policy(config, mesh)
     train_rows, eval_rows = load_task(config)
     tables = rollout.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
     eos_ids = sampling.default_eos_ids(tokenizer)
@@ -56,22 +64,24 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
                                         async_save=config.checkpoint.async_save)
     grader = rewards_lib.Grader()
     watcher = ckpt_lib.PreemptionWatcher()
-    is_chief = jax.process_index() == 0
     start = checkpoints.latest_step()
     resumed = start is not None
     counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
     if resumed:
+        sharding.shard_model(model, mesh)
         graphdef, params = nnx.split(model)
         opt_state = policy_update.init_optimizer(optimizer, params)
         state, meta = checkpoints.restore({"params": params, "opt_state": opt_state})
         params, opt_state = state["params"], state["opt_state"]
         data_iter.set_state(meta["data"])
         counters = meta["counters"]
-        print(f"resumed from the checkpoint of step {start} in {checkpoints.directory}", flush=True)
+        if is_chief:
+            print(f"resumed from the checkpoint of step {start} in {checkpoints.directory}", flush=True)
     else:
         start = 0
-        if config.warm_start.steps:
-            _warm_start(config, model, tokenizer, train_rows)
+        if config.warm_start.steps:  # on one device, before sharding (the demo's tiny model)
+            _warm_start(config, model, tokenizer, train_rows, is_chief)
+        sharding.shard_model(model, mesh)
         graphdef, params = nnx.split(model)
         opt_state = policy_update.init_optimizer(optimizer, params)
     # The KL reference is the starting policy (step 0: after the warm start, always kept).
@@ -83,9 +93,16 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
                                        enabled=is_chief)
     rows_out = []
 
+    def sampler_model():
+        """The policy as the sampler sees it: the training params, or (mesh.sampler_reshard) a
+        copy gathered over fsdp for decoding."""
+        if not config.mesh.sampler_reshard:
+            return nnx.merge(graphdef, params)
+        return nnx.merge(graphdef, sharding.sampler_params(params, nnx.state(model), mesh))
+
     def evaluate_now(step):
         summary, _ = evaluate.evaluate_rows(
-            nnx.merge(graphdef, params), tokenizer, eval_rows, template=config.data.template,
+            sampler_model(), tokenizer, eval_rows, template=config.data.template,
             max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.eval.max_new_tokens,
             batch_size=config.eval.batch_size, grader=grader, timeout=r.grading_timeout)
         return {f"eval/{k}": v for k, v in summary.items()}
@@ -97,15 +114,14 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         # Step 0 holds the warm-started policy, so a crash during RL never redoes the warm start.
         checkpoints.save(0, {"params": params, "opt_state": opt_state},
                          {"data": data_iter.get_state(), "counters": counters}, force=True)
-        _console(0, config.steps, row, time.time(), 0)
+        _console(0, config.steps, row, time.time(), 0, is_chief)
 
     base_key = jax.random.key(config.seed)
     started = time.time()
     for step in range(start + 1, config.steps + 1):
         t0 = time.time()
         batch = next(data_iter)
-        model_now = nnx.merge(graphdef, params)
-        sample = sampling.generate(model_now, batch["prompt_ids"], batch["prompt_mask"],
+        sample = sampling.generate(sampler_model(), batch["prompt_ids"], batch["prompt_mask"],
                                    jax.random.fold_in(base_key, step), num_samples=r.num_samples,
                                    max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                    top_p=r.top_p, top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id)
@@ -113,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         t_sample = time.time() - t0
         texts = evaluate.decode_responses(tokenizer, sample.tokens, sample.mask)
         golds = [a for a in batch["answer"] for _ in range(r.num_samples)]
-        graded = grader.grade(texts, golds, timeout=r.grading_timeout)
+        graded = distributed.grade_across_hosts(grader, texts, golds, r.grading_timeout)
         t_grade = time.time() - t0 - t_sample
         scores = np.array([g.score for g in graded], np.float32)
         if config.debug.inject_nan_step == step:
@@ -121,7 +137,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         prompt_ids, prompt_mask = _trim_prompts(batch["prompt_ids"], batch["prompt_mask"])
         pb, step_metrics = rollout.assemble(
             prompt_ids, prompt_mask, sample, scores, num_samples=r.num_samples, loss_cfg=loss_cfg,
-            tables=tables, filter_zero_variance=r.filter_zero_variance_groups)
+            tables=tables, filter_zero_variance=r.filter_zero_variance_groups, mesh=mesh)
         if r.old_logprobs == "recompute":
             pb = pb.replace(old_logp=policy_update.batch_logprobs(params, pb, graphdef=graphdef,
                                                                   settings=settings))
@@ -134,7 +150,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
         t_update = time.time() - t_update0
         counters["bad_steps_total"] += int(bad > 0)
         counters["bad_steps_in_a_row"] = counters["bad_steps_in_a_row"] + 1 if bad else 0
-        new_tokens = int(np.asarray(sample.lengths).sum())
+        new_tokens = int(to_numpy(sample.lengths).sum())
         row = {
             "step": step, **step_metrics, **finalize_metrics(loss_parts),
             **{f"grading/{k}": v for k, v in rewards_lib.reason_counts(graded).items()},
@@ -142,16 +158,16 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
             "time/sampling_s": t_sample, "time/grading_s": t_grade, "time/update_s": t_update,
             "time/step_s": time.time() - t0,
             "tokens_per_s": new_tokens / max(t_sample, 1e-9),
-            "train_tokens_per_s": t.ppo_epochs * int(np.asarray(pb.attention_mask).sum()) / max(t_update, 1e-9),
+            "train_tokens_per_s": t.ppo_epochs * int(to_numpy(pb.attention_mask).sum()) / max(t_update, 1e-9),
         }
-        if bad:
+        if bad and is_chief:
             logging.warning("step %d: %d optimizer step(s) had a non-finite loss or gradient and were "
                             "skipped; metrics: %s", step, bad, json.dumps(row, default=str))
         if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
             row.update(evaluate_now(step))
         writer.write(step, row)
         rows_out.append(row)
-        _console(step, config.steps, row, started, start)
+        _console(step, config.steps, row, started, start, is_chief)
         meta = {"data": data_iter.get_state(), "counters": counters}
         checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta,
                          force=step == config.steps)
@@ -163,7 +179,8 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
                 f"checkpoints. Lower the learning rate or check the data; see {writer.path}")
         if watcher.requested():
             checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta, force=True)
-            logging.warning("SIGTERM: saved the checkpoint of step %d, exiting", step)
+            if is_chief:
+                logging.warning("SIGTERM: saved the checkpoint of step %d, exiting", step)
             break
     checkpoints.close()
     grader.close()
@@ -201,13 +218,15 @@ def _trim_prompts(ids, mask):
 
 def _train_pipeline(config, tokenizer, rows):
     from sspo_jax.data.pipeline import PromptPipeline
+    # Every process reads the same global stream (shard 0 of 1): prompts are small, and the run
+    # is then the same whatever the number of processes; each places only its devices' rows.
     return PromptPipeline(rows, tokenizer, batch_size=config.rollout.prompts_per_step,
                           max_prompt_len=config.data.max_prompt_len, template=config.data.template,
                           seed=config.seed, overlong=config.data.long_prompts,
-                          strict=config.data.strict)
+                          strict=config.data.strict, shard_index=0, shard_count=1)
 
 
-def _warm_start(config, model, tokenizer, rows):
+def _warm_start(config, model, tokenizer, rows, is_chief):
     from sspo_jax.warm_start import encode_examples, warm_start
     w = config.warm_start
     examples = encode_examples(rows[:w.examples], tokenizer, template=config.data.template,
@@ -216,7 +235,7 @@ def _warm_start(config, model, tokenizer, rows):
     t0 = time.time()
 
     def log(step, loss):
-        if step % 50 == 0 or step == w.steps - 1:
+        if is_chief and (step % 50 == 0 or step == w.steps - 1):
             print(f"warm start {step + 1}/{w.steps} | loss {loss:.3f} | {time.time() - t0:.0f}s",
                   flush=True)
 
@@ -225,13 +244,15 @@ def _warm_start(config, model, tokenizer, rows):
                chunk=config.train.logprob_chunk, log=log)
 
 
-def _console(step, total, row, started, first_step):
-    print(metrics_lib.progress_line(step, total, row, started, first_step, CONSOLE_KEYS), flush=True)
+def _console(step, total, row, started, first_step, is_chief):
+    if is_chief:
+        print(metrics_lib.progress_line(step, total, row, started, first_step, CONSOLE_KEYS), flush=True)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -243,4 +264,5 @@ if __name__ == "__main__":
         "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
         "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
+    distributed.define_flags()
     app.run(main)

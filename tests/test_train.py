@@ -19,7 +19,7 @@ TINY = {
     "train.ppo_mini_batches": 2, "train.micro_batch_size": 4, "eval.every": 2,
     "eval.num_prompts": 8, "eval.max_new_tokens": 24, "checkpoint.every": 1,
     "data.synthetic_train_size": 200, "model.tiny.hidden_size": 32,
-    "model.tiny.intermediate_size": 64,
+    "model.tiny.intermediate_size": 64, "mesh.devices": 1,
 }
 # Timing metrics differ between any two runs; everything else must be identical.
 TIMING = ("time/", "tokens_per_s", "train_tokens_per_s")

@@ -1,0 +1,135 @@
+"""Several JAX processes (hosts) running one program: start-up, and host <-> global arrays.
+
+Multi-controller JAX: every process runs the same Python program; jitted functions of global
+arrays (sharded over every process's devices) run as one SPMD program. This module holds what
+the trainer and evaluation need around that:
+
+- `initialize`: `jax.distributed.initialize` from explicit flags (GPU hosts, tests), or from the
+  environment on Cloud TPU VMs (`--multihost`); a no-op for one process.
+- `to_numpy`: the whole value of a global array on every process (an all-gather when this
+  process does not hold all of it).
+- `process_block` / `grade_across_hosts`: each process grades a contiguous block of the
+  responses and the scores are all-gathered, so every process ends with the same rewards.
+
+Data: every process reads the same global prompt stream (the prompts are small); batches become
+global arrays with each process placing only the rows its devices hold (`sharding.put_global`).
+So a run is identical whatever the number of processes, which the tests check.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, multihost: bool = False) -> None:
+    """Starts JAX's multi-process runtime when asked to; call before any other JAX use.
+
+    Explicit: `coordinator_address` (HOST:PORT of process 0), `num_processes`, `process_id`.
+    `multihost=True` without them: let JAX find them in the environment (Cloud TPU VMs, SLURM).
+    Neither: a single process, nothing to do.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if not all(v is not None for v in explicit):
+            raise ValueError("multi-process run: give all of --coordinator_address=HOST:PORT, "
+                             "--num_processes=N and --process_id=I (I from 0 to N-1)")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+        # CPU devices of different processes talk through gloo (TPU/GPU use their own fabric).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif multihost:
+        jax.distributed.initialize()
+
+
+def is_chief() -> bool:
+    """Process 0 writes logs, metrics, plots and the run record."""
+    return jax.process_index() == 0
+
+
+def to_numpy(x) -> np.ndarray:
+    """The whole value of `x` as a NumPy array on every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_block(n: int, index: int | None = None, count: int | None = None) -> slice:
+    """The contiguous block of `n` items that process `index` of `count` handles (default:
+    this process); blocks differ in size by at most one."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (index < extra))
+
+
+def allgather_blocks(local: np.ndarray, n: int) -> np.ndarray:
+    """Concatenates every process's `local` block (as laid out by `process_block(n)`) on every
+    process."""
+    count = jax.process_count()
+    if count == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+    width = -(-n // count)
+    padded = np.zeros((width, *local.shape[1:]), local.dtype)
+    padded[: len(local)] = local
+    gathered = np.asarray(multihost_utils.process_allgather(padded))    # [count, width, ...]
+    return np.concatenate([gathered[i][: _block_len(n, i, count)] for i in range(count)])
+
+
+def _block_len(n: int, index: int, count: int) -> int:
+    block = process_block(n, index, count)
+    return block.stop - block.start
+
+
+def grade_across_hosts(grader, texts: Sequence[str], golds: Sequence[str], timeout: float):
+    """GradeResult for every response, each process grading only its block.
+
+    Every process passes all texts (they are decoded from the all-gathered tokens); the scores and
+    reason codes of other processes' blocks arrive by all-gather, their extracted answers are
+    recomputed here (extraction is cheap and deterministic; equivalence checks are not).
+    """
+    from sspo_jax import rewards
+    from sspo_jax.rewards.equivalence import clean_text
+    n = len(texts)
+    block = process_block(n)
+    mine = grader.grade(list(texts[block]), list(golds[block]), timeout=timeout)
+    if jax.process_count() == 1:
+        return mine
+    codes = np.array([[r.score, rewards.REASONS.index(r.reason)] for r in mine], np.float32)
+    codes = allgather_blocks(codes.reshape(-1, 2), n)
+    results = []
+    for i, (score, code) in enumerate(codes):
+        if block.start <= i < block.stop:
+            results.append(mine[i - block.start])
+            continue
+        reason = rewards.REASONS[int(code)]
+        extracted = (rewards.extract_answer(clean_text(texts[i])) if reason in ("correct", "wrong")
+                     else None)
+        results.append(rewards.GradeResult(float(score), reason, extracted))
+    return results
+
+
+def define_flags():
+    """The multi-process flags of `sspo_jax.train` and `sspo_jax.evaluate` (absl)."""
+    from absl import flags
+    flags.DEFINE_string("coordinator_address", None,
+                        "HOST:PORT of process 0 for a multi-process run (with --num_processes and "
+                        "--process_id); on Cloud TPU VMs use --multihost instead.")
+    flags.DEFINE_integer("num_processes", None, "Number of JAX processes (hosts) in the run.")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+    flags.DEFINE_bool("multihost", False,
+                      "Start JAX's multi-process runtime from the environment (Cloud TPU VMs, "
+                      "SLURM): every worker runs the same command.")
+
+
+def initialize_from_flags() -> None:
+    from absl import flags
+    f = flags.FLAGS
+    initialize(f.coordinator_address, f.num_processes, f.process_id, multihost=f.multihost)
