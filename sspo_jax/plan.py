@@ -278,10 +278,12 @@ class Model:
     def params(self, rules=None) -> float:
         return sum(per_device(axes, shape, self.sizes, rules) for shape, axes in param_arrays(self.cfg))
 
-    def gathered_layer(self) -> float:
-        """One layer's weights all-gathered over fsdp (split over tensor only), compute dtype."""
-        specs = layer_param_specs(self.cfg).values()
-        return self.c * sum(per_device(axes, shape, self.sizes, SAMPLER_RULES) for shape, axes in specs)
+    def gathered_layer(self, matrices_only: bool = False) -> float:
+        """One layer's weights all-gathered over fsdp (split over tensor only), compute dtype;
+        matrices_only: without the norm weights and biases."""
+        specs = layer_param_specs(self.cfg).items()
+        return self.c * sum(per_device(axes, shape, self.sizes, SAMPLER_RULES)
+                            for name, (shape, axes) in specs if name.endswith("_w") or not matrices_only)
 
     def gathered_head(self) -> float:
         return self.c * self.cfg.vocab_size * self.cfg.hidden_size / self.t_vocab
@@ -297,8 +299,8 @@ class Model:
         return kv + per_device(("batch", "kv_seq"), (rows, slots), self.sizes)  # + the bool mask
 
     def token_bytes(self) -> float:
-        """Activation bytes per token of one decoder layer's forward: 7 residual-width arrays
-        (replicated over tensor), q/k/v before and after rotary and the attention output
+        """Live bytes per token of one decoder layer's forward (no gradient): 7 residual-width
+        arrays (replicated over tensor), q/k/v before and after rotary and the attention output
         (3q + 3kv), gate, up and their product (3 x intermediate)."""
         cfg = self.cfg
         return self.c * (7 * cfg.hidden_size + 3 * self.q / self.t_q + 3 * self.kv / self.t_kv
@@ -313,28 +315,45 @@ class Model:
         """One layer's forward working set: activations + f32 scores and compute-dtype probs."""
         return b * tq * self.token_bytes() + self.attention(b, tq, tk, 4 + self.c)
 
+    def layer_residuals(self, b: int, t: int) -> float:
+        """What autodiff keeps of one layer for its backward pass without remat, as JAX lists it
+        (jax.ad_checkpoint.print_saved_residuals on the model; tests/test_plan.py checks it):
+        per token the float32 input and normalised value of both RMSNorms (16h bytes) and their
+        statistics, the two norm outputs, q (twice) and k, v after rotary, six intermediate-width
+        MLP arrays, the softmax's float32 max and sum per head; the float32 scores and
+        compute-dtype probabilities; the layer's weights cast to the compute dtype (gathered over
+        fsdp) and its two norm weights in float32."""
+        cfg = self.cfg
+        heads = cfg.num_attention_heads / self.t_heads
+        per_token = 16 * cfg.hidden_size + 16 + 8 * heads + self.c * (
+            2 * cfg.hidden_size + 2 * self.q / self.t_q + 2 * self.kv / self.t_kv
+            + 6 * cfg.intermediate_size / self.t_mlp)
+        return (b * t * per_token + self.attention(b, t, t, 4 + self.c)
+                + self.gathered_layer(matrices_only=True) + 8 * cfg.hidden_size)
+
     def saved_per_layer(self, b: int, t: int, remat: str) -> float:
         """What the scanned forward keeps per layer for the backward pass."""
         cfg = self.cfg
         if remat == "none":
-            return self.layer_forward(b, t, t)
-        carry = self.c * b * t * cfg.hidden_size
-        if remat == "full":
-            return carry
+            return self.layer_residuals(b, t)
+        if remat == "full":  # the layer's input (the scan carry)
+            return self.c * b * t * cfg.hidden_size
         if remat == "dots_saveable":  # outputs of the weight matmuls: q, k, v, o, gate, up, down
-            dots = self.c * (self.q / self.t_q + 2 * self.kv / self.t_kv + 2 * cfg.hidden_size
-                             + 2 * cfg.intermediate_size / self.t_mlp)
-            return carry + b * t * dots
+            return self.c * b * t * (self.q / self.t_q + 2 * self.kv / self.t_kv + 2 * cfg.hidden_size
+                                     + 2 * cfg.intermediate_size / self.t_mlp)
         raise ValueError(f"model.remat={remat!r}: none, full or dots_saveable")
 
     def activations(self, b: int, t: int, remat: str) -> float:
-        """Training activations of b rows of t tokens: L layers' saved arrays, one layer's
-        recomputed forward (with remat), one layer's backward (activations + f32 score
-        gradients), and the [b, t, t] attention mask."""
-        layers = self.cfg.num_hidden_layers * self.saved_per_layer(b, t, remat)
-        recompute = 0 if remat == "none" else self.layer_forward(b, t, t)
-        backward = b * t * self.token_bytes() + self.attention(b, t, t, 4 + self.c)
-        return layers + recompute + backward + b * t * t
+        """Training activations of b rows of t tokens: L layers' saved arrays; during the
+        backward of one layer its recomputed residuals (with remat) and its cotangents (token
+        arrays and float32 score gradients); the attention mask (without remat, broadcast over
+        heads with its float32 fill); the final norm's float32 input and output."""
+        cfg = self.cfg
+        layers = cfg.num_hidden_layers * self.saved_per_layer(b, t, remat)
+        recompute = 0 if remat == "none" else self.layer_residuals(b, t)
+        cotangents = b * t * self.token_bytes() + self.attention(b, t, t, 4 + self.c)
+        mask = self.attention(b, t, t, 1 + 4) if remat == "none" else b * t * t
+        return layers + recompute + cotangents + mask + 8 * b * t * cfg.hidden_size
 
     def logprob_head(self, b: int, t: int, chunk: int, grad: bool) -> float:
         """Chunked LM-head log-probs: [b, chunk, V] float32 logits, their softmax (and with a
