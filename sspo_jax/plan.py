@@ -385,14 +385,19 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
                     2 * model.gathered_layer() + model.gathered_head(),
                     "each forward all-gathers every layer over fsdp", "mesh.tensor > 1")
 
+    logits = 4.0 * b_p * prompt_len * cfg.vocab_size / model.t_vocab
+
+    def prefill_logits(phase):
+        return Item(phase, "prefill logits [prompts, P, V] float32", logits,
+                    f"{b_p} prompts/device x {prompt_len} x V x 4 B (every position, not just the "
+                    f"last); alive until the repeated cache is built",
+                    f"fewer prompts per sampler call (a smaller {what}); in the code: apply the LM "
+                    f"head to the last prompt position only")
+
     items = [
         Item(prefill, "prompt KV cache", prompt_cache,
              f"2 x L x {prompts} prompts x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
-        Item(prefill, "prefill logits [prompts, P, V] float32",
-             4.0 * b_p * prompt_len * cfg.vocab_size / model.t_vocab,
-             f"{b_p} prompts/device x {prompt_len} x V x 4 B (every position, not just the last)",
-             f"fewer prompts per sampler call (a smaller {what}); in the code: apply the LM head "
-             f"to the last prompt position only"),
+        prefill_logits(prefill),
         Item(prefill, "prefill layer working set", model.layer_forward(b_p, prompt_len, slots),
              "one layer over the prompts; scores against every cache slot",
              f"fewer prompts per sampler call (a smaller {what}) or a shorter data.max_prompt_len"),
@@ -400,9 +405,9 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
         Item(decode, "KV cache", model.kv_cache(rows, slots),
              f"2 x L x {rows} rows x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
     ]
-    if samples > 1:
-        items.append(Item(decode, "prompt KV cache (while it is repeated per sample)", prompt_cache,
-                          f"the cache of {prompts} prompts", fewer))
+    if samples > 1:  # XLA builds the repeated cache while the prompts' cache and logits live
+        items += [Item(decode, "prompt KV cache (while it is repeated per sample)", prompt_cache,
+                       f"the cache of {prompts} prompts", fewer), prefill_logits(decode)]
     items += [
         Item(decode, "decode logits and sampling buffers",
              4 * 4.0 * model.batch_rows(rows) * cfg.vocab_size / model.t_vocab,
