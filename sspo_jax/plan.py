@@ -581,13 +581,21 @@ def problems(config, mesh: MeshPlan, items: list[Item], hbm: float) -> list[str]
     state = [i for i in items if i.phase == "state"]
     if sum(i.bytes for i in state) > limit:
         out.append(f"the state alone (parameters, Adam moments) takes "
-                   f"{gib(sum(i.bytes for i in state))} per device: {SHARD_MORE}")
+                   f"{gib(sum(i.bytes for i in state))} per device: {_fix(state[0], mesh)}")
     for phase, total in phase_totals(items).items():
         if total > limit:
             biggest = max((i for i in items if i.phase == phase), key=lambda i: i.bytes)
             out.append(f"{phase} needs {gib(total)} per device; its largest item is {biggest.name} "
-                       f"({gib(biggest.bytes)}): {biggest.fix}")
+                       f"({gib(biggest.bytes)}): {_fix(biggest, mesh)}")
     return out
+
+
+def _fix(item: Item, mesh: MeshPlan) -> str:
+    if item.fix == SHARD_MORE and mesh.ici[1] * mesh.ici[2] == mesh.devices // mesh.slices:
+        return ("fsdp x tensor already span the slice: a larger slice, more slices along fsdp "
+                "(mesh.dcn_fsdp), or model.param_dtype=bfloat16 (halves parameters, gradients "
+                "and Adam moments, but lr 1e-6 updates may vanish in bfloat16)")
+    return item.fix
 
 
 def fits(items: list[Item], hbm: float) -> bool:
@@ -606,8 +614,9 @@ def _seconds(lo_hi: tuple[float, float]) -> str:
     return f"{lo_hi[0]:.3g}-{lo_hi[1]:.3g} s"
 
 
-def render(config, config_name: str, slice_: Slice) -> str:
-    """The markdown report: setup, memory per phase, fit verdict, cost model."""
+def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> str:
+    """The markdown report: setup, memory per item (show_items) and per phase, fit verdict,
+    cost model."""
     name, cfg = model_config(config)
     mesh = resolve_mesh(config.mesh, slice_)
     s, chip = rollout_shapes(config), slice_.chip
@@ -632,11 +641,10 @@ def render(config, config_name: str, slice_: Slice) -> str:
         f"{config.train.ppo_mini_batches} mini-batches x {config.train.ppo_epochs} epoch(s)",
         "",
         "## Memory per device",
-        "",
-        "| phase | item | per device | how |",
-        "| --- | --- | ---: | --- |",
     ]
-    lines += [f"| {i.phase} | {i.name} | {gib(i.bytes)} | {i.formula} |" for i in items]
+    if show_items:
+        lines += ["", "| phase | item | per device | how |", "| --- | --- | ---: | --- |"]
+        lines += [f"| {i.phase} | {i.name} | {gib(i.bytes)} | {i.formula} |" for i in items]
     state = sum(i.bytes for i in items if i.phase == "state")
     lines += ["", f"| phase | total with the state ({gib(state)}) | of HBM |", "| --- | ---: | ---: |"]
     lines += [f"| {p} | {gib(v)} | {v / hbm:.0%} |" for p, v in totals.items()]
@@ -683,7 +691,7 @@ def main(argv):
     if overrides:
         name += " " + " ".join(f"{k}={v}" for k, v in sorted(_flatten(overrides).items()))
     try:
-        text = render(config_flag.value, name, parse_slice(_SLICE.value))
+        text = render(config_flag.value, name, parse_slice(_SLICE.value), _ITEMS.value)
     except ValueError as e:  # a bad slice name, mesh or model: one line, no traceback
         sys.exit(f"error: {e}")
     print(text, end="")
@@ -703,4 +711,5 @@ if __name__ == "__main__":
         "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
     _SLICE = flags.DEFINE_string("slice", "v5p-8", "TPU accelerator type: v4-8, v5e-8 "
                                  "(v5litepod-8), v5p-8, v5p-64, v6e-8, ...")
+    _ITEMS = flags.DEFINE_bool("items", True, "List every memory item (--noitems: phase totals only).")
     app.run(main)
