@@ -46,4 +46,9 @@ def get_config(arg: str | None = None):
     c.eval.max_new_tokens = 3000
     c.eval.batch_size = 64
     c.warm_start.steps = 0
+    # FSDP over every device of the slice: weights and Adam moments split N ways, the batch too
+    # (docs/scaling.md has the memory plan per TPU slice: python -m sspo_jax.plan).
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
     return c

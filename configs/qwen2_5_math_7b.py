@@ -1,6 +1,7 @@
 """Qwen2.5-Math-7B: the 1.5B settings on the 7B model (`--config=configs/qwen2_5_math_7b.py:sspo`).
 
-Only the model and the per-device micro-batch change; see docs/reproduce.md for the memory plan.
+Only the model changes; the micro-batch (8 rows: one per device on an 8-device slice, which
+the mesh requires as a minimum there) is the 1.5B one. Memory plans: docs/scaling.md.
 """
 import importlib.util
 import os
@@ -15,5 +16,4 @@ _spec.loader.exec_module(_base)
 def get_config(arg: str | None = None):
     c = _base.get_config(arg)
     c.model.hf_dir = "Qwen/Qwen2.5-Math-7B"
-    c.train.micro_batch_size = 4
     return c
