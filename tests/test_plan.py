@@ -1,5 +1,6 @@
 """The memory plan and cost model (sspo_jax.plan): counts against real models and hand
 computations, sharding against sharding.logical_to_spec, the CLI end to end."""
+import functools
 import math
 import os
 import subprocess
@@ -135,24 +136,42 @@ def test_remat_orders_the_activation_estimate():
 
 @pytest.mark.parametrize("remat", ["none", "dots_saveable", "full"])
 def test_saved_residuals_per_layer_are_what_jax_saves(remat):
-    """The plan's per-layer residuals against JAX's own list of what the backward pass keeps
-    (the arrays stacked over the scanned layers), for a GQA model in bf16 compute."""
+    """The plan's per-layer residuals against JAX's own list of what the backward pass keeps, for
+    the scanned decoder layers as the model runs them off-CPU (qwen2.py: lax.scan over the
+    stacked weights, each step under the remat policy), GQA, bf16 compute: the residuals of
+    4 layers minus those of 3 (JAX keeps the broadcast mask's float32 fill once from 3 layers
+    on, whatever their number)."""
     from jax._src.ad_checkpoint import saved_residuals
-    cfg = tiny(vocab_size=500, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    b, t, r = 2, 96, 64
-    graphdef, params = nnx.split(nnx.eval_shape(
-        lambda: M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=remat)))
+    from sspo_jax.model.layers import decoder_layer
+    from sspo_jax.model.qwen2 import REMAT_POLICIES, layer_param_specs
+    b, t = 2, 96
+    cfg = tiny(hidden_size=128, intermediate_size=320, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32)
+    layer = functools.partial(decoder_layer, num_heads=4, num_kv_heads=2, head_dim=32,
+                              eps=1e-6, dtype=jnp.bfloat16, mesh=None)
+    shape = jax.ShapeDtypeStruct
 
-    def loss(params, tokens):
-        m = nnx.merge(graphdef, params)
-        return policy_update.response_logprobs(m, tokens, jnp.ones_like(tokens), t - r, 1.0, 32)[0].sum()
+    def residual_bytes(layers):
+        params = {name: shape((layers, *s), jnp.float32) for name, (s, _) in layer_param_specs(cfg).items()}
 
-    saved = saved_residuals(loss, params, jax.ShapeDtypeStruct((b, t), jnp.int32))
-    stacked = sum(a.size * a.dtype.itemsize for a, why in saved
-                  if "argument" not in why and a.ndim and a.shape[0] == cfg.num_hidden_layers)
+        def step(x, p, cos, sin, visible):
+            return layer(p, x, cos, sin, visible, None, None)[0]
+
+        if remat != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+        def forward(params, x):
+            # Rotary tables and mask are constants, as in the model (no gradient flows to them).
+            cos, sin = jnp.ones((b, t, 1, 16)), jnp.zeros((b, t, 1, 16))
+            visible = jnp.tril(jnp.ones((t, t), jnp.bool_))[None].repeat(b, 0)
+            out, _ = jax.lax.scan(lambda x, p: (step(x, p, cos, sin, visible), None), x, params)
+            return out.astype(jnp.float32).sum()
+
+        saved = saved_residuals(forward, params, shape((b, t, 128), jnp.bfloat16))
+        return sum(a.size * a.dtype.itemsize for a, why in saved if "argument" not in why)
+
     model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32")
-    assert stacked / cfg.num_hidden_layers == model.saved_per_layer(b, t, remat)
+    assert residual_bytes(4) - residual_bytes(3) == model.saved_per_layer(b, t, remat)
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
