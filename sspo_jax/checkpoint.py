@@ -28,12 +28,14 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
-                 async_save: bool = True, always_keep: tuple[int, ...] = (0,)):
+                 async_save: bool = True, always_keep: tuple[int, ...] = (0,), create: bool = True):
         if save_every < 1:
             raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        directory = os.fspath(directory)
+        # Local paths are made absolute; URLs (gs://...) go to orbax as they are.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.save_every = save_every
         # The interval is applied in save() (orbax would also save whatever step comes first).
         policies = [ocp.checkpoint_managers.LatestN(keep)]
@@ -43,7 +45,7 @@ class Checkpointer:
             save_interval_steps=1,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))

@@ -106,9 +106,12 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     mesh = sharding.mesh_from_config(config.mesh)
     tokenizer, model = build_policy(config, mesh)
     sharding.shard_model(model, mesh)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    from sspo_jax.checkpoint import Checkpointer
+    from sspo_jax.run_config import check_workdir, checkpoint_dir
+    check_workdir(workdir)
+    ckpt_dir = checkpoint_dir(config, workdir)
     source = config.model.hf_dir or "a random model"
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    if Checkpointer(ckpt_dir, save_every=1, create=False).latest_step() is not None:
         source = f"checkpoint step {restore_params(config, model, ckpt_dir, step)} in {ckpt_dir}"
     elif step is not None:
         raise FileNotFoundError(f"--step={step} given but {ckpt_dir} holds no checkpoint")

@@ -86,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
     ))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
+    # dir: "" = WORKDIR/checkpoints; or a URL orbax writes directly, e.g. gs://BUCKET/run (every
+    # process of a multi-host run writes its shards there, and it outlives a preempted TPU VM).
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True, dir=""))
     c.eval = ml_collections.ConfigDict(dict(
         every=25,                      # 0 = never; step 0 (the starting policy) is evaluated too
         num_prompts=256,
@@ -154,6 +156,19 @@ def loss_config(loss: ml_collections.ConfigDict) -> losses.LossConfig:
     """The LossConfig of `loss.name`'s preset with every field the config sets overridden."""
     overrides = {k: loss[k] for k in LOSS_OVERRIDES if loss.get(k) is not None}
     return losses.preset(loss.name, **overrides)
+
+
+def checkpoint_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the run's checkpoints live: `checkpoint.dir`, or WORKDIR/checkpoints."""
+    return c.checkpoint.dir or os.path.join(workdir, "checkpoints")
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir holds logs, metrics and plots written with plain file I/O: a local (or
+    mounted) directory. A URL there would be created as a local folder named `gs:`."""
+    if "://" in workdir:
+        raise ValueError(f"bad --workdir={workdir}: it must be a local or mounted directory; put "
+                         f"checkpoints on cloud storage with --config.checkpoint.dir={workdir}")
 
 
 def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:

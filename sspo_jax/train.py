@@ -40,6 +40,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     With several JAX processes every process calls this with the same arguments (see
     sspo_jax/distributed.py); only process 0 writes logs, metrics and plots.
     """
+    run_config.check_workdir(workdir)
     mesh = sharding.mesh_from_config(config.mesh)
     run_config.validate(config, batch_shards=sharding.batch_shards(mesh))
     loss_cfg = run_config.loss_config(config.loss)
@@ -58,7 +59,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     settings = policy_update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
                                             micro_batch_size=t.micro_batch_size,
                                             logprob_chunk=t.logprob_chunk)
-    checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(config, workdir),
                                         save_every=config.checkpoint.every,
                                         keep=config.checkpoint.keep,
                                         async_save=config.checkpoint.async_save)

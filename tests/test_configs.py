@@ -41,3 +41,13 @@ def test_paper_configs_follow_the_spec():
     assert c.train.ppo_mini_batches == 4 and c.data.template == "qwen25-math-cot"
     assert tuple(c.eval.benchmarks) == ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")
     assert _load("qwen2_5_math_7b.py").get_config("grpo").model.hf_dir == "Qwen/Qwen2.5-Math-7B"
+
+
+def test_cloud_urls_go_to_checkpoint_dir_not_workdir():
+    c = run_config.get_config()
+    assert run_config.checkpoint_dir(c, "runs/x") == os.path.join("runs/x", "checkpoints")
+    c.checkpoint.dir = "gs://bucket/run"
+    assert run_config.checkpoint_dir(c, "runs/x") == "gs://bucket/run"
+    with pytest.raises(ValueError, match="--config.checkpoint.dir=gs://bucket/run"):
+        run_config.check_workdir("gs://bucket/run")
+    run_config.check_workdir("/mnt/shared/run")

@@ -59,16 +59,19 @@ def test_setup_ships_head_and_installs_on_all_workers():
     assert "pip\\ install\\ -q\\ -e\\ \\'.\\[tpu\\]\\'" in out[2]
 
 
-def test_run_passes_config_workdir_and_trainer_flags():
+def test_run_passes_config_checkpoints_multihost_and_trainer_flags():
     rc, out, _ = dry("run.sh", "--name=sspo", "--zone=z", "--config=configs/qwen2_5_math_1_5b.py:sspo",
-                     "--workdir=gs://bucket/run", "--", "--config.optimizer.lr=1e-6")
+                     "--checkpoints=gs://bucket/run", "--", "--config.optimizer.lr=1e-6")
     assert rc == 0 and len(out) == 1
     line = out[0]
     assert line.startswith("gcloud compute tpus tpu-vm ssh sspo --zone=z --worker=all --command=")
     for piece in ["sspo_jax.train", "--config=configs/qwen2_5_math_1_5b.py:sspo",
-                  "--workdir=gs://bucket/run", "--config.optimizer.lr=1e-6",
-                  "~/sspo_logs/qwen2_5_math_1_5b.log"]:
+                  "--workdir=$HOME/runs/qwen2_5_math_1_5b", "--config.checkpoint.dir=gs://bucket/run",
+                  "--multihost", "--config.optimizer.lr=1e-6", "~/sspo_logs/qwen2_5_math_1_5b.log"]:
         assert piece in line.replace("\\", ""), piece
+    rc, out, _ = dry("run.sh", "--name=sspo", "--zone=z", "--config=c.py", "--checkpoints=gs://b/r",
+                     "--workdir=/mnt/runs/my run")
+    assert rc == 0 and "--workdir=/mnt/runs/my run" in out[0].replace("\\", "")
 
 
 def test_logs_one_copy_per_worker_and_delete():
@@ -86,8 +89,8 @@ def test_logs_one_copy_per_worker_and_delete():
     ("create.sh", ["--name=Bad_Name", "--zone=z"], "not valid"),
     ("create.sh", ["--name=sspo", "--zone=z", "--accelerator=v9-8"], "unknown accelerator type 'v9-8'"),
     ("create.sh", ["--name=sspo", "--zone=z", "--bogus"], "unknown flag '--bogus'"),
-    ("run.sh", ["--name=sspo", "--zone=z", "--workdir=gs://b"], "no config"),
-    ("run.sh", ["--name=sspo", "--zone=z", "--config=c.py"], "no workdir"),
+    ("run.sh", ["--name=sspo", "--zone=z", "--checkpoints=gs://b"], "no config"),
+    ("run.sh", ["--name=sspo", "--zone=z", "--config=c.py"], "no checkpoints"),
     ("logs.sh", ["--name=sspo", "--zone=z", "--run=r"], "pass --workers=N"),
     ("logs.sh", ["--name=sspo", "--zone=z", "--run=r", "--workers=0"], "not a positive integer"),
 ])
