@@ -153,17 +153,22 @@ def save_pretrained(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, dtype: 
 
     dtype: on-disk dtype (None: the parameter dtype). Over `max_shard_bytes`, the weights are split
     into model-0000k-of-0000n.safetensors files with a model.safetensors.index.json.
+    With several JAX processes every process must call it (each tensor is all-gathered); process
+    0 writes the files.
     """
+    from sspo_jax.distributed import to_numpy
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     for var, names, transpose, stacked in _weight_plan(model):
-        value = np.asarray(jax.device_get(var[...]))
+        value = to_numpy(var[...])
         if dtype is not None:
             value = value.astype(np.dtype(jnp.dtype(dtype)))
         per_name = list(value) if stacked else [value]
         for name, arr in zip(names, per_name):
             tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
     dtype_name = str(next(iter(tensors.values())).dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model.config.to_hf_dict(dtype_name), f, indent=2)

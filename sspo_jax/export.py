@@ -1,0 +1,61 @@
+"""A training checkpoint out as a Hugging Face model directory (config, safetensors, tokenizer).
+
+    python -m sspo_jax.export --config=configs/FILE.py[:preset] --workdir=DIR --out=HF_DIR
+        [--step=N] [--dtype=bfloat16]
+
+loads the policy of checkpoint step N (default: the newest) of the run in DIR (or
+`checkpoint.dir`) onto the config's mesh and writes it with `model.save_pretrained`, so
+`transformers`, vLLM or another evaluation harness can load the trained model. With several
+hosts run the same command on each (the multi-process flags of `sspo_jax.train`); process 0
+writes the files.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from sspo_jax import distributed
+
+
+def export(config, workdir: str, out_dir: str, step: int | None = None,
+           dtype: str | None = None) -> int:
+    """Writes the checkpoint's policy (and tokenizer) to `out_dir`; returns the step exported."""
+    import jax.numpy as jnp
+
+    from sspo_jax import model as model_lib, run_config, sharding
+    from sspo_jax.policy_bootstrap import build_policy, restore_params
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
+    run_config.check_workdir(workdir)
+    mesh = sharding.mesh_from_config(config.mesh)
+    tokenizer, model = build_policy(config, mesh)
+    sharding.shard_model(model, mesh)
+    step = restore_params(config, model, run_config.checkpoint_dir(config, workdir), step)
+    model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype))
+    if distributed.is_chief():
+        tokenizer.save_pretrained(out_dir)
+        print(f"exported the policy of step {step} to {os.path.abspath(out_dir)}", flush=True)
+    return step
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
+    export(_CONFIG.value, _WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
+        "The run's config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The run directory.")
+    _OUT = flags.DEFINE_string("out", None, "Where to write the Hugging Face model directory.",
+                               required=True)
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).")
+    _DTYPE = flags.DEFINE_string("dtype", None, "On-disk dtype (default: the parameter dtype).")
+    distributed.define_flags()
+    app.run(main)
