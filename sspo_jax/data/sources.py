@@ -13,6 +13,9 @@ import logging
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
+# One reader of the last \boxed{} for gold solutions and model outputs alike.
+from sspo_jax.rewards.extract import last_boxed_content as last_boxed
+
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf:"
@@ -49,28 +52,6 @@ class FieldMap:
             )
         if not self.problem:
             raise ValueError("FieldMap.problem needs at least one field name")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces matched.
-
-    Returns None when there is no such box or its braces never close. Kept local to the data
-    package (the rewards package has its own, richer extractor for model output).
-    """
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, begin = 1, i
-    while i < len(text):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i]
-        i += 1
-    return None
 
 
 def _first_present(row: dict, names: Sequence[str]) -> Any:
