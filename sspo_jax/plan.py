@@ -89,8 +89,9 @@ def parse_slice(name: str) -> Slice:
     return Slice(name, chip, chips, max(1, chips // chip.chips_per_host))
 
 
-# config.json values of the hub checkpoints (huggingface.co/Qwen/Qwen2.5-Math-1.5B and
-# huggingface.co/Qwen/Qwen2.5-Math-7B), so that a plan needs no download.
+# config.json values of the hub checkpoints Qwen/Qwen2.5-Math-1.5B and Qwen/Qwen2.5-Math-7B, so
+# that a plan needs no download (read from copies of those files on the hub:
+# unsloth/Qwen2.5-Math-1.5B, and a fine-tune whose _name_or_path is Qwen/Qwen2.5-Math-7B).
 KNOWN_MODELS = {
     "Qwen/Qwen2.5-Math-1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                    num_hidden_layers=28, num_attention_heads=12,

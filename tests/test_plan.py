@@ -40,8 +40,8 @@ def test_param_count_equals_the_real_model(kw):
 
 
 def test_known_hub_models_have_their_published_sizes():
-    # Qwen2.5-1.5B: 1.54B (model card); Qwen2.5-7B: 7.616B (hub metadata); the Math models
-    # share these architectures.
+    # Qwen2.5-1.5B: 1.54B (its model card); Qwen2.5-7B: 7.616B (the Open Arabic LLM
+    # leaderboard's request file for Qwen/Qwen2.5-7B); the Math models share these shapes.
     sizes = {name: plan.param_count(M.Qwen2Config(**arch)) for name, arch in plan.KNOWN_MODELS.items()}
     assert round(sizes["Qwen/Qwen2.5-Math-1.5B"] / 1e9, 2) == 1.54
     assert round(sizes["Qwen/Qwen2.5-Math-7B"] / 1e9, 3) == 7.616
