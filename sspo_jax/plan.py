@@ -436,8 +436,9 @@ def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
         items.append(Item("state", "KL reference parameters", params, "a second copy of the policy",
                           "loss.kl_beta=0 (no reference policy)"))
     reshard = config.mesh.get("sampler_reshard", False)
-    items += _sampler_items(model, "sampling", s.prompts, s.samples, s.prompt_len, s.new_tokens,
-                            reshard, "rollout.prompts_per_step")
+    per_pass = r.get("sample_batch_size", 0) or s.prompts  # prompts per sampler call
+    items += _sampler_items(model, "sampling", per_pass, s.samples, s.prompt_len, s.new_tokens,
+                            reshard, "rollout.sample_batch_size")
     items += _sampler_items(model, "evaluation", e.batch_size, max(1, e.num_samples), s.prompt_len,
                             e.max_new_tokens, reshard, "eval.batch_size")
     b = model.batch_rows(s.micro_rows)
@@ -460,14 +461,13 @@ def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
         Item("update", "AdamW updates", params, "one params-sized temporary", SHARD_MORE),
     ]
     if r.old_logprobs == "recompute" or kl:
-        whole = model.batch_rows(s.rows)
-        fix = "rollout.old_logprobs=sampler and loss.kl_beta=0 (no forward over the whole batch)"
+        fix = "a smaller train.micro_batch_size"
         items += [
-            Item("recompute", "layer working set, whole rollout batch",
-                 model.layer_forward(whole, s.seq, s.seq),
-                 f"batch_logprobs runs all {s.rows} rows ({whole}/device) at once", fix),
-            Item("recompute", "LM-head log-probs", model.logprob_head(whole, s.new_tokens, chunk, grad=False),
-                 f"chunks of {chunk} tokens", fix),
+            Item("recompute", "layer working set, one micro-batch",
+                 model.layer_forward(b, s.seq, s.seq),
+                 f"batch_logprobs runs micro-batches of {s.micro_rows} rows ({b}/device)", fix),
+            Item("recompute", "LM-head log-probs", model.logprob_head(b, s.new_tokens, chunk, grad=False),
+                 f"chunks of {chunk} tokens", "a smaller train.logprob_chunk"),
             Item("recompute", "gathered weights", 2 * model.gathered_layer() + model.gathered_head(),
                  "", "mesh.tensor > 1"),
         ]

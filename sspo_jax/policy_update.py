@@ -109,12 +109,25 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
 def batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSettings):
     """`[B, R]` response log-probs of `batch` under `params` (no gradient): the old policy's
-    when recomputed, or the reference policy's for the KL term."""
+    when recomputed, or the reference policy's for the KL term.
+
+    Computed micro-batch by micro-batch (`settings.micro_batch_size` rows, when it divides B), so
+    the activations are those of one micro-batch, as in the update."""
     model = nnx.merge(graphdef, params)
-    prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
-    logp, _ = response_logprobs(model, batch.tokens, batch.attention_mask, prompt_len,
-                                settings.temperature, settings.logprob_chunk)
-    return jnp.where(batch.response_mask > 0, logp, 0.0)
+    rows, response_len = batch.response_mask.shape
+    prompt_len = batch.tokens.shape[1] - response_len
+    mbs = settings.micro_batch_size if rows % settings.micro_batch_size == 0 else rows
+    mesh = getattr(model, "mesh", None)
+
+    def one(micro):
+        tokens, attention_mask = micro
+        logp, _ = response_logprobs(model, tokens, attention_mask, prompt_len,
+                                    settings.temperature, settings.logprob_chunk)
+        return logp
+
+    split = lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]), (None, "batch", None), mesh)
+    logp = jax.lax.map(one, (split(batch.tokens), split(batch.attention_mask)))
+    return jnp.where(batch.response_mask > 0, logp.reshape(rows, response_len), 0.0)
 
 
 def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
         old_logprobs="sampler",        # sampler | recompute
         grading_timeout=5.0,
         filter_zero_variance_groups=False,
+        # Prompts per sampler call (0: all prompts_per_step at once). Smaller passes bound the
+        # KV cache (rows x context x layers) at the cost of less batching; see docs/scaling.md.
+        sample_batch_size=0,
     ))
 
     # The objective: a preset name plus optional overrides of its fields.
@@ -186,6 +189,10 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
     need(r.num_samples >= 2, f"rollout.num_samples={r.num_samples}: group advantages need >= 2 samples per prompt")
     need(r.prompts_per_step >= 1, f"rollout.prompts_per_step={r.prompts_per_step} must be >= 1")
     need(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    need(r.sample_batch_size >= 0 and (r.sample_batch_size == 0 or
+                                        r.prompts_per_step % r.sample_batch_size == 0),
+         f"rollout.sample_batch_size={r.sample_batch_size} must divide rollout.prompts_per_step="
+         f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
     need(r.old_logprobs in ("sampler", "recompute"),
          f"rollout.old_logprobs={r.old_logprobs!r}: choose 'sampler' or 'recompute'")
     rows = r.prompts_per_step * r.num_samples

@@ -126,11 +126,14 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
     rows, n_new = b * cfg.num_samples, cfg.max_new_tokens
 
     cache = model.init_cache(b, p + n_new)
-    logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache)  # [B, P, V]
+    hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    # Left padded: the last column is a real token in every row, and the only one whose logits
+    # are needed (the LM head over all P positions would be a [B, P, V] float32 array).
+    last = jnp.einsum("bh,hv->bv", hidden[:, -1], model.lm_head_weight(),
+                      preferred_element_type=jnp.float32)                     # [B, V]
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
-        # Left padded: the last column is a real token in every row.
-        next_logits=jnp.repeat(logits[:, -1], cfg.num_samples, axis=0),
+        next_logits=jnp.repeat(last, cfg.num_samples, axis=0),
         tokens=jnp.full((rows, n_new), cfg.pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, n_new), jnp.float32),
         entropy=jnp.zeros((rows, n_new), jnp.float32),

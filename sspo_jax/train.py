@@ -122,10 +122,8 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     for step in range(start + 1, config.steps + 1):
         t0 = time.time()
         batch = next(data_iter)
-        sample = sampling.generate(sampler_model(), batch["prompt_ids"], batch["prompt_mask"],
-                                   jax.random.fold_in(base_key, step), num_samples=r.num_samples,
-                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                   top_p=r.top_p, top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id)
+        sample = _sample(sampler_model(), batch, jax.random.fold_in(base_key, step), r,
+                         eos_ids, pad_id)
         jax.block_until_ready(sample.tokens)
         t_sample = time.time() - t0
         texts = evaluate.decode_responses(tokenizer, sample.tokens, sample.mask)
@@ -208,6 +206,24 @@ def _update(params, opt_state, pb, graphdef, optimizer, settings, config, step):
     combined = combine_metrics(parts)
     combined["grad_norm_mean/sum"] = combined.pop("grad_norm/sum") / len(parts)
     return params, opt_state, combined, bad
+
+
+def _sample(model, batch, key, r, eos_ids, pad_id):
+    """`r.num_samples` responses per prompt, in passes of `r.sample_batch_size` prompts (one call
+    when 0); pass i draws from fold_in(key, i), a single pass from `key` itself."""
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    per_pass = r.sample_batch_size or ids.shape[0]
+    passes = ids.shape[0] // per_pass
+    outs = []
+    for i in range(passes):
+        rows = slice(i * per_pass, (i + 1) * per_pass)
+        outs.append(sampling.generate(
+            model, ids[rows], mask[rows], key if passes == 1 else jax.random.fold_in(key, i),
+            num_samples=r.num_samples, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+            top_p=r.top_p, top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id))
+    if passes == 1:
+        return outs[0]
+    return jax.tree.map(lambda *parts: jax.numpy.concatenate(parts), *outs)
 
 
 def _trim_prompts(ids, mask):

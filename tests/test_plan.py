@@ -215,7 +215,7 @@ def test_report_flags_what_does_not_fit_or_split():
     fits = report("qwen2_5_math_1_5b.py", "v5p-8")
     assert "**FITS**" in fits and "Qwen/Qwen2.5-Math-1.5B" in fits
     small = report("qwen2_5_math_1_5b.py", "v5e-8")
-    assert "**DOES NOT FIT**" in small and "KV cache" in small and "rollout.prompts_per_step" in small
+    assert "**DOES NOT FIT**" in small and "KV cache" in small and "rollout.sample_batch_size" in small
     assert "**FITS**" in report("qwen2_5_math_1_5b.py", "v5e-8", rollout__prompts_per_step=32)
     wide = report("qwen2_5_math_1_5b.py", "v5p-64")
     assert "does not split over the 32 batch shards" in wide

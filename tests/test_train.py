@@ -153,3 +153,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "SIGTERM: saved the checkpoint of step" in err
     from sspo_jax.checkpoint import Checkpointer
     assert Checkpointer(tmp_path / "checkpoints", save_every=1).latest_step() == last
+
+
+def test_sampling_in_passes_gives_the_rows_of_one_call():
+    """rollout.sample_batch_size splits the sampler call; greedy rows do not depend on it."""
+    import types
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sspo_jax import model as M, sampling
+    cfg = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        max_position_embeddings=64)
+    model = M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    lengths = [3, 7, 5, 2]
+    ids = rng.integers(2, 64, (4, 8)).astype(np.int32)
+    mask = (np.arange(8)[None] >= 8 - np.array(lengths)[:, None]).astype(np.int32)
+    batch = {"prompt_ids": ids, "prompt_mask": mask}
+    settings = dict(num_samples=2, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0)
+    one = train._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=0, **settings), (1,), 0)
+    two = train._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=2, **settings), (1,), 0)
+    assert isinstance(two, sampling.GenerateOutput) and two.tokens.shape == (8, 6)
+    np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens))
+    np.testing.assert_allclose(np.asarray(two.logprobs), np.asarray(one.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="rollout.sample_batch_size=3 must divide"):
+        run_config.validate(tiny_config(**{"rollout.sample_batch_size": 3}))

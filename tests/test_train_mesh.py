@@ -194,3 +194,20 @@ def test_two_processes_equal_one_process_and_their_checkpoint_restores_in_one(tm
                             for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two))])
     assert diffs.max() < 0.05 * 6e-4
     assert np.quantile(diffs, 0.999) < 1e-7
+
+
+def test_recomputed_logprobs_go_micro_batch_by_micro_batch_with_the_same_result():
+    model = M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(5))
+    batch = _policy_batch(seed=2)
+    graphdef, params = nnx.split(model)
+    settings = lambda mbs: PU.UpdateSettings(loss=losses.preset("grpo"), temperature=0.8,
+                                             micro_batch_size=mbs, logprob_chunk=5)
+    whole = PU.batch_logprobs(params, batch, graphdef=graphdef, settings=settings(B))
+    logp, _ = PU.response_logprobs(model, batch.tokens, batch.attention_mask, P, 0.8, 5)
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(logp * batch.response_mask), atol=1e-6)
+    micro = PU.batch_logprobs(params, batch, graphdef=graphdef, settings=settings(4))
+    np.testing.assert_allclose(np.asarray(micro), np.asarray(whole), atol=1e-6)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    graphdef8, params8 = nnx.split(sharding.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(5)), mesh))
+    sharded = PU.batch_logprobs(params8, batch, graphdef=graphdef8, settings=settings(8))
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(whole), atol=1e-5)
