@@ -228,10 +228,20 @@ class Shapes:
     prompt_len: int     # padded prompt length (the sampler's bucket of max_prompt_len)
     new_tokens: int     # max_new_tokens: every row's response slots
     micro_rows: int     # train.micro_batch_size (global)
+    per_pass: int       # prompts per sampler call (rollout.sample_batch_size, 0 = all)
 
     @property
     def rows(self) -> int:
         return self.prompts * self.samples
+
+    @property
+    def passes(self) -> int:
+        """Sampler calls per RL step; each decodes new_tokens steps over per_pass x samples rows."""
+        return self.prompts // self.per_pass
+
+    @property
+    def pass_rows(self) -> int:
+        return self.per_pass * self.samples
 
     @property
     def seq(self) -> int:
@@ -242,8 +252,12 @@ class Shapes:
 def rollout_shapes(config) -> Shapes:
     from sspo_jax.sampling import bucket_length  # the sampler pads prompts to this length
     r = config.rollout
+    per_pass = r.get("sample_batch_size", 0) or r.prompts_per_step
+    if per_pass < 0 or r.prompts_per_step % per_pass:
+        raise ValueError(f"rollout.sample_batch_size={per_pass} must divide rollout.prompts_per_step="
+                         f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
     return Shapes(r.prompts_per_step, r.num_samples, bucket_length(config.data.max_prompt_len),
-                  r.max_new_tokens, config.train.micro_batch_size)
+                  r.max_new_tokens, config.train.micro_batch_size, per_pass)
 
 
 # ---------------------------------------------------------------- memory
@@ -386,14 +400,12 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
                     2 * model.gathered_layer() + model.gathered_head(),
                     "each forward all-gathers every layer over fsdp", "mesh.tensor > 1")
 
-    logits = 4.0 * b_p * prompt_len * cfg.vocab_size / model.t_vocab
+    logits = 4.0 * b_p * cfg.vocab_size / model.t_vocab
 
     def prefill_logits(phase):
-        return Item(phase, "prefill logits [prompts, P, V] float32", logits,
-                    f"{b_p} prompts/device x {prompt_len} x V x 4 B (every position, not just the "
-                    f"last); alive until the repeated cache is built",
-                    f"fewer prompts per sampler call (a smaller {what}); in the code: apply the LM "
-                    f"head to the last prompt position only")
+        return Item(phase, "prefill logits [prompts, V] float32", logits,
+                    f"{b_p} prompts/device x V x 4 B (the last prompt position only); alive until "
+                    f"the repeated cache is built", fewer)
 
     items = [
         Item(prefill, "prompt KV cache", prompt_cache,
@@ -436,8 +448,7 @@ def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
         items.append(Item("state", "KL reference parameters", params, "a second copy of the policy",
                           "loss.kl_beta=0 (no reference policy)"))
     reshard = config.mesh.get("sampler_reshard", False)
-    per_pass = r.get("sample_batch_size", 0) or s.prompts  # prompts per sampler call
-    items += _sampler_items(model, "sampling", per_pass, s.samples, s.prompt_len, s.new_tokens,
+    items += _sampler_items(model, "sampling", s.per_pass, s.samples, s.prompt_len, s.new_tokens,
                             reshard, "rollout.sample_batch_size")
     items += _sampler_items(model, "evaluation", e.batch_size, max(1, e.num_samples), s.prompt_len,
                             e.max_new_tokens, reshard, "eval.batch_size")
@@ -493,7 +504,8 @@ class Costs:
     train_model_flops: float   # 6 N per token + attention: the MFU basis
     train_flops: float         # executed, with rematerialisation
     recompute_flops: float     # old log-probs / KL reference forwards
-    decode_step_bytes: float   # per device
+    decode_steps: int          # sampler passes x max_new_tokens
+    decode_step_bytes: float   # per device, one step of one pass
     decode_step_ici_bytes: float  # per device, fsdp weight all-gathers
 
 
@@ -524,17 +536,21 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
     gathered = model.c * model.params(SAMPLER_RULES)
     weights_read = gathered if reshard else model.p * model.params() + (gathered if fsdp > 1 else 0)
     ici = 0.0 if reshard else gathered * (fsdp - 1) / fsdp
-    decode_logits = 3 * 4.0 * model.batch_rows(s.rows) * cfg.vocab_size / model.t_vocab
+    # Each sampler pass decodes N steps over its own rows: every step reads all the weights, so
+    # the weight traffic is paid once per step of every pass; the cache and logits are the pass's.
+    decode_logits = 3 * 4.0 * model.batch_rows(s.pass_rows) * cfg.vocab_size / model.t_vocab
     return Costs(
         prompt_tokens=s.prompts * s.prompt_len,
         sampled_tokens=s.rows * s.new_tokens,
         trained_tokens=passes * s.rows * s.seq,
-        prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.seq, s.prompt_len),
+        # the LM head runs on the last prompt position only
+        prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.seq, 1),
         decode_flops=s.new_tokens * forward_flops(cfg, s.rows, 1, s.seq, 1),
         train_model_flops=passes * 3 * fwd,
         train_flops=passes * (3 * fwd + recompute + head_fwd),  # the head's chunks are always rematerialised
         recompute_flops=forwards * fwd,
-        decode_step_bytes=weights_read + model.kv_cache(s.rows, s.seq) + decode_logits,
+        decode_steps=s.passes * s.new_tokens,
+        decode_step_bytes=weights_read + model.kv_cache(s.pass_rows, s.seq) + decode_logits,
         decode_step_ici_bytes=ici,
     )
 
@@ -554,9 +570,11 @@ class Times:
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
-def step_times(costs: Costs, chip: Chip, devices: int, decode_steps: int) -> Times:
+def step_times(costs: Costs, chip: Chip, devices: int) -> Times:
     """Compute-bound parts at TRAIN_MFU of the slice's peak; decoding at DECODE_EFFICIENCY of the
-    per-step roofline max(HBM bytes / bandwidth, FLOPs / peak, ICI bytes / ICI bandwidth)."""
+    per-step roofline max(HBM bytes / bandwidth, FLOPs / peak, ICI bytes / ICI bandwidth), times
+    every step of every sampler pass."""
+    decode_steps = costs.decode_steps
     peak = devices * chip.peak_flops
     at_mfu = lambda flops: (flops / (peak * TRAIN_MFU[1]), flops / (peak * TRAIN_MFU[0]))  # noqa: E731
     per_step = max(costs.decode_step_bytes / chip.hbm_bandwidth,
@@ -638,7 +656,9 @@ def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> 
         f"- mesh: data={d} fsdp={f} tensor={t} over {mesh.devices} devices (within a slice "
         f"{mesh.ici}, slices {mesh.dcn}); the batch splits {mesh.batch_shards} ways",
         f"- step: {s.prompts} prompts x {s.samples} samples = {s.rows} rows of {s.prompt_len} prompt + "
-        f"{s.new_tokens} new tokens; micro-batch {s.micro_rows} rows; "
+        f"{s.new_tokens} new tokens, sampled in "
+        + (f"{s.passes} passes of {s.per_pass} prompts" if s.passes > 1 else "one pass")
+        + f"; micro-batch {s.micro_rows} rows; "
         f"{config.train.ppo_mini_batches} mini-batches x {config.train.ppo_epochs} epoch(s)",
         "",
         "## Memory per device",
@@ -658,7 +678,7 @@ def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> 
     lines += [f"- {i}" for i in issues]
 
     costs = cost_model(config, cfg, mesh)
-    times = step_times(costs, chip, mesh.devices, s.new_tokens)
+    times = step_times(costs, chip, mesh.devices)
     lines += [
         "", "## Cost per RL step", "",
         f"Tokens (padded, as computed): prompts {costs.prompt_tokens:,}, sampled {costs.sampled_tokens:,} "
@@ -668,7 +688,8 @@ def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> 
         "| part | FLOPs | time on this slice | basis |",
         "| --- | ---: | ---: | --- |",
         f"| sampling: prefill | {_flops(costs.prefill_flops)} | {_seconds(times.prefill)} | MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%} |",
-        f"| sampling: decode, {s.new_tokens} steps | {_flops(costs.decode_flops)} | {_seconds(times.decode)} | "
+        f"| sampling: decode, {(f'{s.passes} x ' if s.passes > 1 else '')}{s.new_tokens} steps | "
+        f"{_flops(costs.decode_flops)} | {_seconds(times.decode)} | "
         f"roofline {times.decode_roofline:.3g} s at {DECODE_EFFICIENCY[0]:.0%}-{DECODE_EFFICIENCY[1]:.0%}: "
         f"{costs.decode_step_bytes / 1e9:.3g} GB HBM"
         + (f" + {costs.decode_step_ici_bytes / 1e9:.3g} GB ICI" if costs.decode_step_ici_bytes else "")

@@ -122,8 +122,54 @@ def test_training_flops_are_six_n_per_token_when_attention_is_negligible():
     assert 1 < costs.train_model_flops / six_n < 1.02
     # no remat: executed = model FLOPs + the log-prob chunks' recomputed head forward
     assert costs.train_flops == pytest.approx(costs.train_model_flops + 2 * rows * head * 16)
-    times = plan.step_times(costs, plan.CHIPS["v5p"], 4, 16)
+    times = plan.step_times(costs, plan.CHIPS["v5p"], 4)
     assert times.train[0] == pytest.approx(costs.train_model_flops / (4 * 459e12 * plan.TRAIN_MFU[1]))
+    # the sampler's prefill applies the LM head to the last prompt position only
+    assert costs.prefill_flops == plan.forward_flops(cfg, c.rollout.prompts_per_step, 16, 32, 1)
+
+
+def _math_config(**rollout):
+    c = base_config()
+    c.model.hf_dir = "Qwen/Qwen2.5-Math-1.5B"
+    c.data.max_prompt_len, c.rollout.max_new_tokens = 1024, 3000
+    c.rollout.prompts_per_step, c.rollout.num_samples = 128, 8
+    c.train.micro_batch_size = 8
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.rollout.update(rollout)
+    return c
+
+
+@pytest.mark.parametrize("slice_name", ["v5p-8", "v5e-8"])
+def test_sampling_passes_cost_one_decode_loop_each(slice_name):
+    """rollout.sample_batch_size=32 of 128 prompts: 4 sampler calls, each a decode loop of
+    max_new_tokens steps over 32 x 8 rows. Per step the bytes (weights + that pass's cache) and
+    the memory are those of a 32-prompt step; the decode takes 4 such loops, while the FLOPs and
+    tokens of the RL step stay those of the 128 prompts."""
+    slice_ = plan.parse_slice(slice_name)
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"])
+    whole, passes, small = (_math_config(**kw) for kw in (
+        {}, dict(sample_batch_size=32), dict(prompts_per_step=32)))
+    mesh = plan.resolve_mesh(whole.mesh, slice_)
+    cost = {k: plan.cost_model(c, cfg, mesh) for k, c in
+            (("whole", whole), ("passes", passes), ("small", small))}
+    times = {k: plan.step_times(v, slice_.chip, mesh.devices) for k, v in cost.items()}
+    assert (cost["whole"].decode_steps, cost["passes"].decode_steps) == (3000, 4 * 3000)
+    assert cost["passes"].decode_flops == cost["whole"].decode_flops
+    assert cost["passes"].prefill_flops == cost["whole"].prefill_flops
+    assert cost["passes"].sampled_tokens == cost["whole"].sampled_tokens
+    assert cost["passes"].decode_step_bytes == cost["small"].decode_step_bytes
+    assert cost["passes"].decode_step_bytes < cost["whole"].decode_step_bytes
+    assert times["passes"].decode_roofline == pytest.approx(4 * times["small"].decode_roofline)
+    # fewer rows per step read the same weights: 4 passes take longer than one pass of all rows
+    assert times["passes"].decode_roofline > times["whole"].decode_roofline
+    sampler = lambda c: [i for i in plan.memory_plan(c, cfg, mesh) if i.phase.startswith("sampling")]  # noqa: E731
+    assert sampler(passes) == sampler(small)
+    assert sum(i.bytes for i in sampler(passes)) < sum(i.bytes for i in sampler(whole))
+
+
+def test_sample_batch_size_must_divide_the_prompts():
+    with pytest.raises(ValueError, match="sample_batch_size=48 must divide"):
+        plan.rollout_shapes(_math_config(sample_batch_size=48))
 
 
 def test_remat_orders_the_activation_estimate():
@@ -217,6 +263,9 @@ def test_report_flags_what_does_not_fit_or_split():
     small = report("qwen2_5_math_1_5b.py", "v5e-8")
     assert "**DOES NOT FIT**" in small and "KV cache" in small and "rollout.sample_batch_size" in small
     assert "**FITS**" in report("qwen2_5_math_1_5b.py", "v5e-8", rollout__prompts_per_step=32)
+    passes = report("qwen2_5_math_1_5b.py", "v5e-8", rollout__sample_batch_size=32)
+    assert "**FITS**" in passes and "sampled in 4 passes of 32 prompts" in passes
+    assert "| sampling: decode, 4 x 3000 steps |" in passes
     wide = report("qwen2_5_math_1_5b.py", "v5p-64")
     assert "does not split over the 32 batch shards" in wide
     assert "does not split" not in report("qwen2_5_math_1_5b.py", "v5p-64", train__micro_batch_size=32)
