@@ -4,9 +4,10 @@
         [--config.mesh.fsdp=4 --config.train.micro_batch_size=16 ...]
 
 Nothing is compiled or allocated: the model's shapes come from its config.json (or the table of
-known hub models below), the per-device shares from the same logical-axis rules the trainer
-shards with (sspo_jax.sharding), and every figure from the formulas in docs/scaling.md, which
-also says what each formula assumes. The memory is counted per phase of an RL step (sampling,
+known hub models in sspo_jax.plan_tables, with the TPU chips, the advice and the report), the
+per-device shares from the same logical-axis rules the trainer shards with (sspo_jax.sharding),
+and every figure from the formulas in docs/scaling.md, which also says what each formula
+assumes. The memory is counted per phase of an RL step (sampling,
 training, optimizer update, ...) on top of the state that lives through the whole run; the peak
 is the largest phase. Estimates, not measurements: XLA's buffer assignment adds its own
 temporaries (and may hoist or fuse differently), so treat >= 90% of HBM as not fitting.
@@ -16,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import sys
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,101 +26,9 @@ from ml_collections import config_flags
 from sspo_jax import sharding
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.qwen2 import layer_param_specs
-
-GIB = 2 ** 30
-FIT_FRACTION = 0.9  # the rest of HBM is left to XLA's own temporaries and fragmentation
-# Assumed model-FLOPs utilisation for prefill and training, and the fraction of the HBM roofline
-# a decode step reaches. Assumptions, not measurements; docs/scaling.md says why these ranges.
-TRAIN_MFU = (0.25, 0.45)
-DECODE_EFFICIENCY = (0.3, 0.6)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU chip (one JAX device: v4 and v5p run their two TensorCores as one megacore)."""
-    family: str
-    hbm_bytes: float
-    peak_flops: float          # dense bf16 FLOP/s
-    hbm_bandwidth: float       # bytes/s
-    ici_bandwidth: float | None  # bidirectional bytes/s per chip; None where the page gives none
-    cores_per_chip: int        # the accelerator type counts TensorCores on v4/v5p (v4-8 = 4 chips)
-    chips_per_host: int
-    source: str
-
-
-# Figures from Google's Cloud TPU system-architecture pages (the URL in each entry). The pages
-# write "16 GB" / "32 GB" for v5e / v6e HBM; taken as GiB here (the 90% fit margin covers the
-# difference).
-CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9, None, 2, 4,
-               "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, 400e9, 1, 8,
-                "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, 1200e9, 2, 4,
-                "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1638e9, 800e9, 1, 8,
-                "https://cloud.google.com/tpu/docs/v6e"),
-}
-FAMILY_ALIASES = {"v5litepod": "v5e"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    name: str
-    chip: Chip
-    chips: int
-    hosts: int
-
-
-def parse_slice(name: str) -> Slice:
-    """`v4-8`, `v5e-8` (= `v5litepod-8`), `v5p-64`, `v6e-8`, ...: the number is what the
-    accelerator type says (TensorCores on v4/v5p, chips on v5e/v6e)."""
-    match = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", name.strip())
-    if not match:
-        raise ValueError(f"unknown TPU slice {name!r}: use an accelerator type such as v4-8, "
-                         f"v5e-8 (v5litepod-8), v5p-8, v5p-64 or v6e-8 (families: "
-                         f"{', '.join(CHIPS)})")
-    chip = CHIPS[FAMILY_ALIASES.get(match[1], match[1])]
-    count = int(match[2])
-    if count < chip.cores_per_chip or count % chip.cores_per_chip:
-        raise ValueError(f"TPU slice {name!r}: a {chip.family} slice counts {chip.cores_per_chip} "
-                         f"TensorCores per chip, so its number must be a multiple of that")
-    chips = count // chip.cores_per_chip
-    return Slice(name, chip, chips, max(1, chips // chip.chips_per_host))
-
-
-# config.json values of the hub checkpoints Qwen/Qwen2.5-Math-1.5B and Qwen/Qwen2.5-Math-7B, so
-# that a plan needs no download (read from copies of those files on the hub:
-# unsloth/Qwen2.5-Math-1.5B, and a fine-tune whose _name_or_path is Qwen/Qwen2.5-Math-7B).
-KNOWN_MODELS = {
-    "Qwen/Qwen2.5-Math-1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                   num_hidden_layers=28, num_attention_heads=12,
-                                   num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
-                                   max_position_embeddings=4096),
-    "Qwen/Qwen2.5-Math-7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                 num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, head_dim=128, tie_word_embeddings=False,
-                                 max_position_embeddings=4096),
-}
-
-
-def model_config(config) -> tuple[str, Qwen2Config]:
-    """(name, architecture) of `config.model`: a local HF directory's config.json, a known hub
-    id, or (hf_dir "") the demo's tiny model built as policy_bootstrap.build_policy builds it."""
-    m = config.model
-    if m.hf_dir and os.path.isfile(os.path.join(m.hf_dir, "config.json")):
-        return m.hf_dir, Qwen2Config.from_hf(m.hf_dir)
-    if m.hf_dir in KNOWN_MODELS:
-        return m.hf_dir, Qwen2Config(**KNOWN_MODELS[m.hf_dir])
-    if m.hf_dir:
-        raise ValueError(f"model.hf_dir={m.hf_dir!r} is neither a local directory with config.json "
-                         f"nor a known hub id ({', '.join(KNOWN_MODELS)}): download it first")
-    from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
-    tokenizer = load_tokenizer(m.tokenizer_dir) if m.tokenizer_dir else build_tokenizer()
-    tiny = dict(m.tiny)
-    return "tiny demo model", Qwen2Config(
-        vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // tiny["num_attention_heads"], **tiny)
+from sspo_jax.plan_tables import (  # noqa: F401  (CHIPS, KNOWN_MODELS, ...: the plan's API)
+    CHIPS, DECODE_EFFICIENCY, DTYPE_BYTES, FEWER_ROWS, FIT_FRACTION, GIB, KNOWN_MODELS, SHARD_MORE,
+    TRAIN_MFU, Chip, Slice, model_config, parse_slice, problems, report)
 
 
 # ---------------------------------------------------------------- parameters and sharding
@@ -269,12 +178,6 @@ class Item:
     bytes: float
     formula: str
     fix: str = ""  # what makes it smaller
-
-
-SHARD_MORE = ("shard it over more devices: mesh.fsdp=-1 (the whole slice), a larger slice, or "
-              "more slices along fsdp (mesh.dcn_fsdp)")
-FEWER_ROWS = ("sample in several passes of fewer prompts (a smaller {what}), shorten "
-              "max_new_tokens, or put more devices on the batch axes (mesh.data x mesh.fsdp)")
 
 
 class Model:
@@ -586,122 +489,42 @@ def step_times(costs: Costs, chip: Chip, devices: int) -> Times:
                  train=at_mfu(costs.train_model_flops), recompute=at_mfu(costs.recompute_flops))
 
 
-# ---------------------------------------------------------------- advice and report
+# ---------------------------------------------------------------- the plan
 
-def problems(config, mesh: MeshPlan, items: list[Item], hbm: float) -> list[str]:
-    """What does not fit or does not split, each with the change that helps most."""
-    s, out = rollout_shapes(config), []
-    shards = mesh.batch_shards
-    for what, rows in (("rollout batch", s.rows), ("train.micro_batch_size", s.micro_rows)):
-        if rows % shards:
-            out.append(f"the {what} ({rows} rows) does not split over the {shards} batch shards "
-                       f"(data x fsdp): the trainer refuses it; use a multiple of {shards}")
-    limit = FIT_FRACTION * hbm
-    state = [i for i in items if i.phase == "state"]
-    if sum(i.bytes for i in state) > limit:
-        out.append(f"the state alone (parameters, Adam moments) takes "
-                   f"{gib(sum(i.bytes for i in state))} per device: {_fix(state[0], mesh)}")
-    for phase, total in phase_totals(items).items():
-        if total > limit:
-            biggest = max((i for i in items if i.phase == phase), key=lambda i: i.bytes)
-            out.append(f"{phase} needs {gib(total)} per device; its largest item is {biggest.name} "
-                       f"({gib(biggest.bytes)}): {_fix(biggest, mesh)}")
-    return out
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the report shows (sspo_jax.plan_tables.report)."""
+    config: Any
+    config_name: str
+    slice: Slice
+    model_name: str
+    cfg: Qwen2Config
+    params: int
+    mesh: MeshPlan
+    shapes: Shapes
+    items: list[Item]
+    totals: dict[str, float]
+    issues: list[str]
+    fits: bool
+    costs: Costs
+    times: Times
 
 
-def _fix(item: Item, mesh: MeshPlan) -> str:
-    if item.fix == SHARD_MORE and mesh.ici[1] * mesh.ici[2] == mesh.devices // mesh.slices:
-        return ("fsdp x tensor already span the slice: a larger slice, more slices along fsdp "
-                "(mesh.dcn_fsdp), or model.param_dtype=bfloat16 (halves parameters, gradients "
-                "and Adam moments, but lr 1e-6 updates may vanish in bfloat16)")
-    return item.fix
-
-
-def fits(items: list[Item], hbm: float) -> bool:
-    return max(phase_totals(items).values()) <= FIT_FRACTION * hbm
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
-def _flops(n: float) -> str:
-    return f"{n:.3g}"
-
-
-def _seconds(lo_hi: tuple[float, float]) -> str:
-    return f"{lo_hi[0]:.3g}-{lo_hi[1]:.3g} s"
+def analyse(config, config_name: str, slice_: Slice) -> Plan:
+    name, cfg = model_config(config)
+    mesh = resolve_mesh(config.mesh, slice_)
+    items, shapes = memory_plan(config, cfg, mesh), rollout_shapes(config)
+    totals, costs = phase_totals(items), cost_model(config, cfg, mesh)
+    return Plan(config, config_name, slice_, name, cfg, param_count(cfg), mesh, shapes,
+                items, totals, problems(shapes, mesh, items, totals, slice_.chip.hbm_bytes),
+                max(totals.values()) <= FIT_FRACTION * slice_.chip.hbm_bytes, costs,
+                step_times(costs, slice_.chip, mesh.devices))
 
 
 def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> str:
     """The markdown report: setup, memory per item (show_items) and per phase, fit verdict,
     cost model."""
-    name, cfg = model_config(config)
-    mesh = resolve_mesh(config.mesh, slice_)
-    s, chip = rollout_shapes(config), slice_.chip
-    items = memory_plan(config, cfg, mesh)
-    totals = phase_totals(items)
-    hbm = chip.hbm_bytes
-    d, f, t = (mesh.sizes[a] for a in sharding.MESH_AXES)
-    lines = [
-        f"# Plan: {config_name} on {slice_.name}" + (f" x {mesh.slices} slices" if mesh.slices > 1 else ""),
-        "",
-        f"- model: {name}: {param_count(cfg) / 1e9:.3g}e9 parameters (hidden {cfg.hidden_size}, "
-        f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, "
-        f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} head); "
-        f"parameters {config.model.param_dtype}, compute {config.model.dtype}, remat {config.model.remat}",
-        f"- slice: {slice_.name}: {slice_.chips} chips ({slice_.hosts} host(s)) x {gib(hbm)} HBM, "
-        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip "
-        f"({chip.source})",
-        f"- mesh: data={d} fsdp={f} tensor={t} over {mesh.devices} devices (within a slice "
-        f"{mesh.ici}, slices {mesh.dcn}); the batch splits {mesh.batch_shards} ways",
-        f"- step: {s.prompts} prompts x {s.samples} samples = {s.rows} rows of {s.prompt_len} prompt + "
-        f"{s.new_tokens} new tokens, sampled in "
-        + (f"{s.passes} passes of {s.per_pass} prompts" if s.passes > 1 else "one pass")
-        + f"; micro-batch {s.micro_rows} rows; "
-        f"{config.train.ppo_mini_batches} mini-batches x {config.train.ppo_epochs} epoch(s)",
-        "",
-        "## Memory per device",
-    ]
-    if show_items:
-        lines += ["", "| phase | item | per device | how |", "| --- | --- | ---: | --- |"]
-        lines += [f"| {i.phase} | {i.name} | {gib(i.bytes)} | {i.formula} |" for i in items]
-    state = sum(i.bytes for i in items if i.phase == "state")
-    lines += ["", f"| phase | total with the state ({gib(state)}) | of HBM |", "| --- | ---: | ---: |"]
-    lines += [f"| {p} | {gib(v)} | {v / hbm:.0%} |" for p, v in totals.items()]
-    peak_phase = max(totals, key=totals.get)
-    issues = problems(config, mesh, items, hbm)
-    verdict = ("DOES NOT FIT" if not fits(items, hbm) else "FITS, BUT THE BATCH DOES NOT SPLIT"
-               if issues else "FITS")
-    lines += ["", f"**{verdict}**: peak {gib(totals[peak_phase])} per device ({peak_phase}) of "
-              f"{gib(hbm)} HBM (limit {FIT_FRACTION:.0%})."]
-    lines += [f"- {i}" for i in issues]
-
-    costs = cost_model(config, cfg, mesh)
-    times = step_times(costs, chip, mesh.devices)
-    lines += [
-        "", "## Cost per RL step", "",
-        f"Tokens (padded, as computed): prompts {costs.prompt_tokens:,}, sampled {costs.sampled_tokens:,} "
-        f"(every row runs until the longest stops; worst case max_new_tokens), trained "
-        f"{costs.trained_tokens:,} (rows x (prompt + response) x epochs).",
-        "",
-        "| part | FLOPs | time on this slice | basis |",
-        "| --- | ---: | ---: | --- |",
-        f"| sampling: prefill | {_flops(costs.prefill_flops)} | {_seconds(times.prefill)} | MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%} |",
-        f"| sampling: decode, {(f'{s.passes} x ' if s.passes > 1 else '')}{s.new_tokens} steps | "
-        f"{_flops(costs.decode_flops)} | {_seconds(times.decode)} | "
-        f"roofline {times.decode_roofline:.3g} s at {DECODE_EFFICIENCY[0]:.0%}-{DECODE_EFFICIENCY[1]:.0%}: "
-        f"{costs.decode_step_bytes / 1e9:.3g} GB HBM"
-        + (f" + {costs.decode_step_ici_bytes / 1e9:.3g} GB ICI" if costs.decode_step_ici_bytes else "")
-        + " per device per step |",
-        f"| training (model FLOPs) | {_flops(costs.train_model_flops)} | {_seconds(times.train)} | "
-        f"MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%}; executed with remat: {_flops(costs.train_flops)} |",
-    ]
-    if costs.recompute_flops:
-        lines.append(f"| old / reference log-probs | {_flops(costs.recompute_flops)} | "
-                     f"{_seconds(times.recompute)} | forward only |")
-    lines += [f"| **total** (grading and evaluation not included) | | **{_seconds(times.total)}** | |"]
-    return "\n".join(lines) + "\n"
+    return report(analyse(config, config_name, slice_), show_items)
 
 
 def main(argv):

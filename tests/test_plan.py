@@ -162,7 +162,10 @@ def test_sampling_passes_cost_one_decode_loop_each(slice_name):
     assert times["passes"].decode_roofline == pytest.approx(4 * times["small"].decode_roofline)
     # fewer rows per step read the same weights: 4 passes take longer than one pass of all rows
     assert times["passes"].decode_roofline > times["whole"].decode_roofline
-    sampler = lambda c: [i for i in plan.memory_plan(c, cfg, mesh) if i.phase.startswith("sampling")]  # noqa: E731
+
+    def sampler(c):
+        return [i for i in plan.memory_plan(c, cfg, mesh) if i.phase.startswith("sampling")]
+
     assert sampler(passes) == sampler(small)
     assert sum(i.bytes for i in sampler(passes)) < sum(i.bytes for i in sampler(whole))
 
