@@ -15,14 +15,20 @@ DEFAULT_CHUNK = 128
 
 def _chunk_logprobs_entropy(hidden, lm_head, targets, temperature):
     """hidden `[B, c, H]`, lm_head `[H, V]`, targets `[B, c]` -> (logp, entropy) `[B, c]` f32."""
+    b, c, h = hidden.shape
+    if jax.default_backend() == "cpu":
+        # One [B*c, H] @ [H, V] matmul: the head's gradient then contracts one token axis; XLA
+        # CPU lowers the two-axis (B, c) contraction of the 3-D form by first transposing the
+        # whole [B, c, V] logits gradient. Same numbers (tests/test_update_speed_paths.py).
+        hidden, targets = hidden.reshape(b * c, h), targets.reshape(b * c)
     # float32 accumulation and softmax even for bfloat16 weights; no float32 copy of the head.
-    logits = jnp.einsum("bch,hv->bcv", hidden, lm_head,
+    logits = jnp.einsum("...h,hv->...v", hidden, lm_head,
                         preferred_element_type=jnp.float32) / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)                                   # [B, c]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     probs = jnp.exp(logits - lse[..., None])
     entropy = lse - jnp.sum(probs * logits, axis=-1)                          # -sum p log p
-    return target_logit - lse, entropy
+    return (target_logit - lse).reshape(b, c), entropy.reshape(b, c)
 
 
 def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=DEFAULT_CHUNK):

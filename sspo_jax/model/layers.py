@@ -16,6 +16,26 @@ from sspo_jax.sharding import constrain
 MASK_VALUE = -1e30
 
 
+def cpu_tuned() -> bool:
+    """Whether to trace the forms tuned for XLA's CPU backend (`dense` with flat tokens, the
+    unrolled layer scan in qwen2.py). Read at trace time; other backends keep the general forms,
+    and tests/test_update_speed_paths.py checks that both give the same results."""
+    return jax.default_backend() == "cpu"
+
+
+def dense(x: jax.Array, w: jax.Array, flat_tokens: bool) -> jax.Array:
+    """x [..., in] @ w [in, out]; flat_tokens: as one 2-D matmul over all leading axes.
+
+    The same product either way. The flat form is for XLA CPU: w's gradient then contracts one
+    token axis instead of two (B and T), and XLA CPU lowers the two-axis contraction by first
+    transposing the whole [B, T, out] gradient in a slow strided copy (in a profile of the 5m
+    benchmark's update, about a third of the time went to those copies).
+    """
+    if not flat_tokens:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in float32, result in x's dtype."""
     x32 = x.astype(jnp.float32)
@@ -60,22 +80,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> j
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                   visible: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
                   slot: tuple[jax.Array, jax.Array] | None, *, num_heads: int, num_kv_heads: int,
-                  head_dim: int, eps: float, dtype: Any,
-                  mesh: Mesh | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                  head_dim: int, eps: float, dtype: Any, mesh: Mesh | None,
+                  flat_tokens: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis).
 
     Without a cache (kv None) the keys are this call's T tokens. With a cache, kv = (k, v) are
     ALL layers' caches, each [L, B, Hkv, S, D], and slot = (layer, index): the T new keys are
     written at [layer, :, :, index:index + T] and the updated pair is returned. Only those T slots
     change, so XLA updates the (carried) buffers in place instead of copying the cache.
+    flat_tokens: run the projections as 2-D matmuls (see `dense`; the CPU form).
     """
     b, t, _ = x.shape
     w = {name: a.astype(dtype) for name, a in p.items()}
 
+    mm = lambda a, name: dense(a, w[name], flat_tokens)  # noqa: E731
     h = rms_norm(x, p["input_norm"], eps)
-    q = h @ w["q_w"] + w["q_b"]
-    k = h @ w["k_w"] + w["k_b"]
-    val = h @ w["v_w"] + w["v_b"]
+    q = mm(h, "q_w") + w["q_b"]
+    k = mm(h, "k_w") + w["k_b"]
+    val = mm(h, "v_w") + w["v_b"]
     q = constrain(q, ("batch", "seq", "heads"), mesh).reshape(b, t, num_heads, head_dim)
     k = constrain(k, ("batch", "seq", "kv_heads"), mesh).reshape(b, t, num_kv_heads, head_dim)
     val = val.reshape(b, t, num_kv_heads, head_dim)
@@ -93,10 +115,10 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
         val = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dtype)
 
     attn = attention(q, k, val, visible).reshape(b, t, num_heads * head_dim)
-    x = x + constrain(attn @ w["o_w"], ("batch", "seq", "act_embed"), mesh)
+    x = x + constrain(mm(attn, "o_w"), ("batch", "seq", "act_embed"), mesh)
 
     h = rms_norm(x, p["post_norm"], eps)
-    gate = constrain(h @ w["gate_w"], ("batch", "seq", "mlp"), mesh)
-    up = h @ w["up_w"]
-    x = x + constrain((jax.nn.silu(gate) * up) @ w["down_w"], ("batch", "seq", "act_embed"), mesh)
+    gate = constrain(mm(h, "gate_w"), ("batch", "seq", "mlp"), mesh)
+    up = mm(h, "up_w")
+    x = x + constrain(mm(jax.nn.silu(gate) * up, "down_w"), ("batch", "seq", "act_embed"), mesh)
     return x, new_kv

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from sspo_jax.model import cache as kv_cache
 from sspo_jax.model.config import Qwen2Config
-from sspo_jax.model.layers import decoder_layer, rms_norm, rope_cos_sin
+from sspo_jax.model.layers import cpu_tuned, decoder_layer, rms_norm, rope_cos_sin
 from sspo_jax.sharding import constrain, named_sharding
 
 REMAT_POLICIES = {
@@ -157,9 +157,12 @@ class Qwen2ForCausalLM(nnx.Module):
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", "act_embed"), self.mesh)
+        # On XLA CPU: 2-D projections (see layers.dense) and the layer scan fully unrolled.
+        cpu = cpu_tuned()
         layer = functools.partial(
             decoder_layer, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, mesh=self.mesh)
+            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, mesh=self.mesh,
+            flat_tokens=cpu)
 
         remat = (lambda f: f) if self.remat == "none" else functools.partial(
             jax.checkpoint, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -169,7 +172,10 @@ class Qwen2ForCausalLM(nnx.Module):
             def step(x, params):
                 return layer(params, x, cos, sin, visible, None, None)[0], None
 
-            x, _ = jax.lax.scan(step, x, stacked)
+            # Unrolled on CPU: a rolled loop's backward reads every saved activation from a
+            # stacked [L, ...] buffer (zero-filled, then one slice written and one read per
+            # layer), which XLA CPU does as separate copies. Still one scan in the jaxpr.
+            x, _ = jax.lax.scan(step, x, stacked, unroll=cfg.num_hidden_layers if cpu else 1)
         elif layers is not None:
             new_kv = kv
             for i, params in enumerate(layers):  # unrolled: each layer's weights are their own arrays

@@ -1,0 +1,135 @@
+"""The forms tuned for XLA's CPU backend give the general forms' results.
+
+On the CPU backend the model unrolls its layer scan (without a cache) and runs its projections as
+2-D matmuls, and the log-prob head multiplies [B*c, H] instead of [B, c, H]
+(`sspo_jax.model.layers.cpu_tuned`). Other backends trace the general forms. Here both run on
+CPU: patching `jax.default_backend` to "gpu" selects the general forms at trace time.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_hf
+from sspo_jax import logprobs, losses, model as M, policy_update as PU
+
+P, R = 6, 8
+
+
+@pytest.fixture(autouse=True)
+def fresh_traces():
+    """jax caches traced checkpoint and scan bodies by function: without clearing, a body traced
+    for one form would be reused for the other (here, and in the tests that run after these)."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def _general(monkeypatch):
+    """Trace the general forms from here on."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()
+
+
+def _scan_unrolls(jaxpr):
+    """The `unroll` of every scan in a closed jaxpr (top level: the layer scan)."""
+    return [e.params["unroll"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+
+
+def _max_rel_err(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def case(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    tiny_hf.make_qwen2(path, seed=5, tie_word_embeddings=request.param)
+    ids, mask = tiny_hf.left_padded_batch([3, 6, 5, 1], tiny_hf.BASE["vocab_size"], total=P, seed=4)
+    resp = np.random.default_rng(0).integers(1, tiny_hf.BASE["vocab_size"], (4, R))
+    tokens = np.concatenate([ids.numpy(), resp], 1)
+    attn = np.concatenate([mask.numpy(), np.ones_like(resp)], 1)
+    return path, jnp.asarray(tokens, jnp.int32), jnp.asarray(attn, jnp.int32)
+
+
+def _policy_batch(tokens, attn):
+    b = tokens.shape[0]
+    rng = np.random.default_rng(1)
+    return PU.PolicyBatch(
+        tokens=tokens, attention_mask=attn, response_mask=attn[:, P:],
+        old_logp=jnp.asarray(-rng.random((b, R)) * 5, jnp.float32),
+        adv=jnp.asarray([1.0, -0.5, 2.0, -1.5], jnp.float32),
+        seg=jnp.arange(b * R, dtype=jnp.int32).reshape(b, R),
+        eps_low=jnp.full((b, R), 0.2), eps_high=jnp.full((b, R), 0.2))
+
+
+def _hidden_and_grads(path, tokens, attn):
+    """Hidden states and the gradient of the GRPO loss (the trainer's loss function) w.r.t. every
+    parameter, through a fresh jit so the backend check runs at this trace."""
+    graphdef, params = nnx.split(M.from_pretrained(path))
+    batch = _policy_batch(tokens, attn)
+    settings = PU.UpdateSettings(loss=losses.preset("grpo"), temperature=0.7, micro_batch_size=4,
+                                 logprob_chunk=3)
+    n_tok = jnp.sum(batch.response_mask.astype(jnp.float32))
+
+    def loss(params):
+        return PU._micro_loss(params, graphdef, batch, n_tok, jnp.float32(4), settings)[0]
+
+    def hidden(params):
+        return nnx.merge(graphdef, params).hidden_states(tokens, attention_mask=attn)
+
+    unrolls = _scan_unrolls(jax.make_jaxpr(hidden)(params))
+    return unrolls, jax.jit(hidden)(params), jax.jit(jax.grad(loss))(params)
+
+
+def test_cpu_forms_give_the_general_forward_and_gradient(case, monkeypatch):
+    path, tokens, attn = case
+    cpu_unrolls, cpu_hidden, cpu_grads = _hidden_and_grads(path, tokens, attn)
+    _general(monkeypatch)
+    gen_unrolls, gen_hidden, gen_grads = _hidden_and_grads(path, tokens, attn)
+    layers = tiny_hf.BASE["num_hidden_layers"]
+    assert cpu_unrolls == [layers] and gen_unrolls == [1]  # the two paths really differ
+    assert _max_rel_err(cpu_hidden, gen_hidden) < 1e-5
+    for (name, a), b in zip(jax.tree_util.tree_leaves_with_path(cpu_grads), jax.tree.leaves(gen_grads)):
+        assert np.abs(np.asarray(b)).max() > 0, name  # every parameter gets a gradient
+        assert _max_rel_err(a, b) < 1e-5, jax.tree_util.keystr(name)
+
+
+def test_cpu_forms_give_the_general_cached_decode(case, monkeypatch):
+    path, tokens, attn = case
+    outs = []
+    for general in (False, True):
+        if general:
+            _general(monkeypatch)
+        m = M.from_pretrained(path)
+        step = nnx.jit(lambda m, t, a, c: m(t, attention_mask=a, cache=c))
+        logits, cache = step(m, tokens[:, :P], attn[:, :P], m.init_cache(4, P + 2))
+        nxt, _ = step(m, tokens[:, P:P + 1], attn[:, P:P + 1], cache)
+        outs.append((logits, nxt))
+    for a, b in zip(*outs):
+        assert _max_rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_cpu_head_gives_the_general_logprobs_and_gradient(monkeypatch, temperature):
+    rng = np.random.default_rng(2)
+    hidden = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((16, 29)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 29, (3, 7)), jnp.int32)
+    weights = jnp.asarray(rng.standard_normal((3, 7)), jnp.float32)
+
+    def run():
+        def f(h, w):
+            logp, ent = logprobs.token_logprobs_and_entropy(h, w, targets, temperature, chunk=3)
+            return jnp.sum(logp * weights), (logp, ent)
+        hlo = jax.jit(f).lower(hidden, head).as_text()
+        (_, outs), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, head)
+        return hlo, outs, grads
+
+    cpu_hlo, cpu_outs, cpu_grads = run()
+    _general(monkeypatch)
+    gen_hlo, gen_outs, gen_grads = run()
+    assert cpu_hlo != gen_hlo  # the two paths really differ
+    for a, b in zip(jax.tree.leaves((cpu_outs, cpu_grads)), jax.tree.leaves((gen_outs, gen_grads))):
+        assert _max_rel_err(a, b) < 1e-5
