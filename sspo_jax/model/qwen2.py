@@ -155,7 +155,10 @@ class Qwen2ForCausalLM(nnx.Module):
         visible = key_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        # Gather from a table whole along the vocabulary (still FSDP-split along embed): XLA
+        # cannot partition a gather over a vocab-sharded table and would replicate it entirely.
+        table = constrain(self.embed[...], (None, "embed"), self.mesh)
+        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", "act_embed"), self.mesh)
         # On XLA CPU: 2-D projections (see layers.dense) and the layer scan fully unrolled.
         cpu = cpu_tuned()
