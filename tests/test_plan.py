@@ -248,6 +248,31 @@ def test_activation_estimate_brackets_xla_cpu_temporaries(remat):
     assert 0.5 < xla / ours < 1.25, (xla, ours)
 
 
+@pytest.mark.parametrize("prompts,prompt_len,new_tokens", [(4, 256, 768), (16, 128, 512)])
+def test_sampler_estimate_brackets_xla_cpu_temporaries(monkeypatch, prompts, prompt_len, new_tokens):
+    """XLA's count of the temporaries of one sampler call (compile only, CPU, one device, bf16
+    compute, 8 samples per prompt), compiled as it runs off CPU (the layers scanned, the KV cache
+    a scan carry; on CPU the sampler unrolls the layers over per-layer weight copies instead), is
+    within 0.8x-1.3x of the plan's larger sampler phase."""
+    from sspo_jax import sampling
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the TPU code path, on CPU
+    cfg = tiny(vocab_size=1000, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: M.Qwen2ForCausalLM(
+        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)))
+    scfg = sampling.make_config(cfg.vocab_size, max_new_tokens=new_tokens, num_samples=8, pad_id=0,
+                                eos_ids=(1,))
+    ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
+    compiled = sampling._generate_jit.lower(graphdef, scfg, params, ids, ids, jax.random.key(0)).compile(
+        compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    xla = compiled.memory_analysis().temp_size_in_bytes
+    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32")
+    items = plan._sampler_items(model, "sampling", prompts, 8, prompt_len, new_tokens, False, "x")
+    ours = max(sum(i.bytes for i in items if i.phase == phase)
+               for phase in ("sampling: prefill", "sampling: decode"))
+    assert 0.8 < xla / ours < 1.3, (xla, ours)
+
+
 def test_report_flags_what_does_not_fit_or_split():
     def report(config_file, slice_name, **overrides):
         import importlib.util
