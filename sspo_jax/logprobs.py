@@ -58,7 +58,10 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=
     pad = n * c - T
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, H).swapaxes(0, 1)
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
-    body = jax.checkpoint(_chunk_logprobs_entropy)
+    # Rematerialised so the backward holds one chunk's logits at a time. A single chunk's are
+    # all of them either way (alive from the forward's head to the backward's, which follows
+    # it at once), and recomputing them would only cost one more [B*T, H] @ [H, V] matmul.
+    body = jax.checkpoint(_chunk_logprobs_entropy) if n > 1 else _chunk_logprobs_entropy
 
     def step(carry, xs):
         h_c, t_c = xs

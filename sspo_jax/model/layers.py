@@ -14,11 +14,12 @@ from sspo_jax.sharding import constrain
 
 # Finite, so a query row with no visible key (a left-pad position) softmaxes to uniform, not NaN.
 MASK_VALUE = -1e30
+CAUSAL_BLOCKS = 4  # query blocks of causal_block_attention
 
 
 def cpu_tuned() -> bool:
-    """Whether to trace the forms tuned for XLA's CPU backend (`dense` with flat tokens, the
-    unrolled layer scan in qwen2.py). Read at trace time; other backends keep the general forms,
+    """Whether to trace the forms tuned for XLA's CPU backend (`dense` with flat tokens,
+    `causal_block_attention`, the unrolled layer scan in qwen2.py). Read at trace time; other backends keep the general forms,
     and tests/test_update_speed_paths.py checks that both give the same results."""
     return jax.default_backend() == "cpu"
 
@@ -77,23 +78,58 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> j
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
 
 
+def _heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """`attention`, with the query heads moved before the tokens first ([B, Hkv, G*T, D]): both
+    dots are then plain batched matmuls, and XLA CPU copies no [.., T, S] scores to transpose."""
+    b, t, nq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = nq // hkv
+    qh = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(visible[:, None, None], scores.reshape(b, hkv, g, t, s), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
+
+
+def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                           num_blocks: int = CAUSAL_BLOCKS) -> jax.Array:
+    """`attention` when the keys are the queries' own T tokens in order (no cache), in query blocks.
+
+    `visible` must hide every later token (key j from query i when j > i): then no query of a
+    block sees a key after the block's last token, and the block skips those keys. With 4 blocks
+    that is 3/8 of the scores, and of their matmuls, softmax and gradient (XLA CPU has no fused
+    attention to skip them). A query that sees no key at all (a left pad) gets the mean of the
+    values up to its block's end instead of all T: a different number, in a position that no
+    real token reads.
+    """
+    t = q.shape[1]
+    size = -(-t // num_blocks)
+    outs = []
+    for lo in range(0, t, size):
+        hi = min(t, lo + size)
+        outs.append(_heads_major_attention(q[:, lo:hi], k[:, :, :hi], v[:, :, :hi], visible[:, lo:hi, :hi]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                   visible: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
                   slot: tuple[jax.Array, jax.Array] | None, *, num_heads: int, num_kv_heads: int,
                   head_dim: int, eps: float, dtype: Any, mesh: Mesh | None,
-                  flat_tokens: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                  cpu_forms: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis).
 
     Without a cache (kv None) the keys are this call's T tokens. With a cache, kv = (k, v) are
     ALL layers' caches, each [L, B, Hkv, S, D], and slot = (layer, index): the T new keys are
     written at [layer, :, :, index:index + T] and the updated pair is returned. Only those T slots
     change, so XLA updates the (carried) buffers in place instead of copying the cache.
-    flat_tokens: run the projections as 2-D matmuls (see `dense`; the CPU form).
+    cpu_forms: the forms for XLA CPU (`cpu_tuned`): 2-D projections (`dense`) and, without a
+    cache, `causal_block_attention`.
     """
     b, t, _ = x.shape
     w = {name: a.astype(dtype) for name, a in p.items()}
 
-    mm = lambda a, name: dense(a, w[name], flat_tokens)  # noqa: E731
+    mm = lambda a, name: dense(a, w[name], cpu_forms)  # noqa: E731
     h = rms_norm(x, p["input_norm"], eps)
     q = mm(h, "q_w") + w["q_b"]
     k = mm(h, "k_w") + w["k_b"]
@@ -114,7 +150,8 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
         k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dtype)  # [B, Hkv, S, D]
         val = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dtype)
 
-    attn = attention(q, k, val, visible).reshape(b, t, num_heads * head_dim)
+    attend = causal_block_attention if cpu_forms and kv is None else attention
+    attn = attend(q, k, val, visible).reshape(b, t, num_heads * head_dim)
     x = x + constrain(mm(attn, "o_w"), ("batch", "seq", "act_embed"), mesh)
 
     h = rms_norm(x, p["post_norm"], eps)

@@ -160,12 +160,12 @@ class Qwen2ForCausalLM(nnx.Module):
         table = constrain(self.embed[...], (None, "embed"), self.mesh)
         x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", "act_embed"), self.mesh)
-        # On XLA CPU: 2-D projections (see layers.dense) and the layer scan fully unrolled.
+        # On XLA CPU: the forms of layers.cpu_tuned, and the layer scan fully unrolled.
         cpu = cpu_tuned()
         layer = functools.partial(
             decoder_layer, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, mesh=self.mesh,
-            flat_tokens=cpu)
+            cpu_forms=cpu)
 
         remat = (lambda f: f) if self.remat == "none" else functools.partial(
             jax.checkpoint, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
