@@ -179,7 +179,9 @@ def test_two_processes_equal_one_process_and_their_checkpoint_restores_in_one(tm
             if key.startswith(EXACT) or not isinstance(value, float):
                 assert b[key] == value, (a["step"], key)
             else:
-                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-7), (a["step"], key)
+                # 2e-6 absolute: float32 log-probs of size ~5 round at ~5e-7 per token, and
+                # statistics like approx_kl are near-cancelling means of their differences.
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=2e-6), (a["step"], key)
     # Only process 0 wrote the logs (one line per step, no duplicates from process 1).
     assert len(rows_two) == 4
 
