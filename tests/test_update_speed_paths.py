@@ -13,7 +13,8 @@ from flax import nnx
 
 import tiny_hf
 from sspo_jax import logprobs, losses, model as M, policy_update as PU
-from sspo_jax.model.layers import attention, causal_block_attention
+from sspo_jax.model.layers import (apply_rope, apply_rope_no_concat, attention, causal_block_attention,
+                                   rope_cos_sin)
 
 P, R = 6, 8
 
@@ -150,3 +151,11 @@ def test_causal_block_attention_gives_attention_at_real_queries(t, nq, hkv, bloc
     got = np.asarray(jax.jit(causal_block_attention, static_argnums=4)(q, k, v, visible, blocks))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_without_concatenate_gives_rope():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32)
+    cos, sin = rope_cos_sin(jnp.asarray([[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]]), 8, 1e4)
+    np.testing.assert_allclose(np.asarray(jax.jit(apply_rope_no_concat)(x, cos, sin)),
+                               np.asarray(jax.jit(apply_rope)(x, cos, sin)), rtol=1e-6, atol=1e-6)

@@ -19,7 +19,7 @@ CAUSAL_BLOCKS = 4  # query blocks of causal_block_attention
 
 def cpu_tuned() -> bool:
     """Whether to trace the forms tuned for XLA's CPU backend (`dense` with flat tokens,
-    `causal_block_attention`, the unrolled layer scan in qwen2.py). Read at trace time; other backends keep the general forms,
+    `apply_rope_no_concat`, `causal_block_attention`, the unrolled layer scan in qwen2.py). Read at trace time; other backends keep the general forms,
     and tests/test_update_speed_paths.py checks that both give the same results."""
     return jax.default_backend() == "cpu"
 
@@ -56,6 +56,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def apply_rope_no_concat(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`apply_rope` without a concatenate (the CPU form), from the same products and sums.
+
+    x is viewed as its two halves [..., 2, D/2]: out = halves * cos + swapped halves * (-sin,
+    +sin), i.e. x1*cos + x2*(-sin) and x2*cos + x1*sin. XLA CPU runs `apply_rope`'s concatenate
+    as a slow per-element fusion, and its gradient as pads and another concatenate.
+    """
+    x32 = x.astype(jnp.float32)
+    halves = x32.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    signed_sin = jnp.stack([-sin, sin], axis=-2)  # [B, T, 1, 2, D/2]: small, once per call
+    out = halves * cos[..., None, :] + halves[..., ::-1, :] * signed_sin
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
@@ -123,8 +137,8 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     ALL layers' caches, each [L, B, Hkv, S, D], and slot = (layer, index): the T new keys are
     written at [layer, :, :, index:index + T] and the updated pair is returned. Only those T slots
     change, so XLA updates the (carried) buffers in place instead of copying the cache.
-    cpu_forms: the forms for XLA CPU (`cpu_tuned`): 2-D projections (`dense`) and, without a
-    cache, `causal_block_attention`.
+    cpu_forms: the forms for XLA CPU (`cpu_tuned`): 2-D projections (`dense`),
+    `apply_rope_no_concat` and, without a cache, `causal_block_attention`.
     """
     b, t, _ = x.shape
     w = {name: a.astype(dtype) for name, a in p.items()}
@@ -137,7 +151,8 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     q = constrain(q, ("batch", "seq", "heads"), mesh).reshape(b, t, num_heads, head_dim)
     k = constrain(k, ("batch", "seq", "kv_heads"), mesh).reshape(b, t, num_kv_heads, head_dim)
     val = val.reshape(b, t, num_kv_heads, head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rope = apply_rope_no_concat if cpu_forms else apply_rope
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
     k, val = jnp.swapaxes(k, 1, 2), jnp.swapaxes(val, 1, 2)  # [B, Hkv, T, D]
 
     new_kv = None
