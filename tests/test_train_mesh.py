@@ -74,11 +74,22 @@ def test_one_step_on_a_2x2x2_mesh_equals_one_device():
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(np.abs(a).max(), 1e-30))
-    # Adam's first step moves each weight by ~lr * g / (|g| + 1e-8): where g is a near-cancelling
-    # sum of size ~1e-8, a reordering difference in g moves the step by up to ~1% of lr. So the
-    # parameters (lr 1e-3) agree to 2% of lr; the median difference is at float32 rounding.
+    # Adam's first step moves each weight by lr * u, u = mu_hat / (sqrt(nu_hat) + 1e-8) ~ g / (|g| + 1e-8),
+    # plus decay. Where g is a near-cancelling sum of size ~1e-8, the reordering difference in g
+    # (checked above through the moments) changes u by a large fraction of 1, so a fixed bound on
+    # the parameters would only test luck. Instead: the parameters of the two runs differ by no
+    # more than lr times the difference of the u each run's own moments give, plus float32
+    # rounding (u computed in float32: 1e-6 of lr; the weight: 4 ulp); most weights agree to rounding.
+    def direction(state):
+        adam = state[1][0]
+        mu_hat = [np.asarray(m, np.float64) / (1 - 0.9) for m in jax.tree.leaves(adam.mu)]
+        nu_hat = [np.asarray(v, np.float64) / (1 - 0.999) for v in jax.tree.leaves(adam.nu)]
+        return [m / (np.sqrt(v) + 1e-8) for m, v in zip(mu_hat, nu_hat)]
+    for a, b, u1, u8 in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), direction(s1), direction(s8)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        bound = 1e-3 * (np.abs(u8 - u1) + 1e-6) + 4 * np.spacing(np.abs(a).astype(np.float32))
+        assert np.all(np.abs(b - a) <= bound), np.max(np.abs(b - a) - bound)
     diffs = [np.abs(np.asarray(b) - np.asarray(a)) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))]
-    assert max(d.max() for d in diffs) < 0.02 * 1e-3
     assert np.median(np.concatenate([d.ravel() for d in diffs])) < 1e-8
     # Parameters and Adam moments stay where they were placed (no silent replication).
     params_in = nnx.split(sharding.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(3)), mesh))[1]
