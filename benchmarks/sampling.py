@@ -12,8 +12,11 @@ is timed at 1 torch thread and at all cores; the faster is reported.
 With `--peak-gbs B` the table adds the fraction of the memory-bandwidth roofline of one decode
 step: (bytes of all weights + bytes of the KV cache read at the mean context) / step time / B.
 The step time is (generate time - prefill time) / (max_new_tokens - 1), prefill timed on its own.
+`--peak-gbs measure` (for CPUs, whose peak is rarely published for a VM) uses this host's
+measured read bandwidth instead: the best of torch summing a 512 MiB float32 array at 1 thread and
+at all cores (a pure streaming read, the same access a decode step makes to its weights).
 
-    python benchmarks/sampling.py                        # CPU: ~5M and ~40M configs
+    python benchmarks/sampling.py --peak-gbs measure     # CPU: ~5M and ~40M configs
     python benchmarks/sampling.py --sizes 1.5b --peak-gbs 3350 --dtype bfloat16 --no-hf   # GPU
 """
 import argparse
@@ -58,6 +61,20 @@ def timed(fn, reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measured_read_gbs(reps: int = 5) -> float:
+    """This host's streaming read bandwidth in GB/s: best of summing 512 MiB at 1 thread / all cores."""
+    a = torch.ones(2 ** 27, dtype=torch.float32)
+    best = 0.0
+    for threads in sorted({1, os.cpu_count()}):
+        torch.set_num_threads(threads)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a.sum().item()
+            best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    del a
     return best
 
 
@@ -125,18 +142,26 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--peak-gbs", type=float, default=0.0,
-                        help="peak memory bandwidth in GB/s; adds the roofline fraction")
+    parser.add_argument("--peak-gbs", default="0",
+                        help="peak memory bandwidth in GB/s, or 'measure' (this host's streaming read "
+                             "bandwidth); adds the roofline fraction")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers peer")
     args = parser.parse_args()
     jdtype, tdtype = DTYPES[args.dtype]
+    measured = args.peak_gbs == "measure"
+    try:
+        args.peak_gbs = measured_read_gbs() if measured else float(args.peak_gbs)
+    except ValueError:
+        parser.error(f"--peak-gbs must be a number of GB/s or 'measure', got {args.peak_gbs!r}")
 
     load_before = os.getloadavg()[0]
     rows = [run_size(size, args, jdtype, tdtype) for size in args.sizes.split(",")]
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}; batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {args.dtype}, greedy, min of {args.reps} reps; "
-          f"1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end\n")
+          f"1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+          + (f"; roofline at {args.peak_gbs:.1f} GB/s ({'measured read bandwidth' if measured else 'given'})"
+             if args.peak_gbs else "") + "\n")
     head = "| config | params | sspo_jax s | sspo_jax new tok/s | transformers s (threads) | transformers new tok/s | speed-up | compile s |"
     extra = " decode step ms | roofline |" if args.peak_gbs else ""
     print(head + extra)
