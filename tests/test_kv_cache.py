@@ -23,6 +23,14 @@ def model(tmp_path_factory):
     return M.from_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache_tied")
+    tiny_hf.make_qwen2(path, seed=12, num_attention_heads=6, num_key_value_heads=2, hidden_size=48,
+                       tie_word_embeddings=True)
+    return M.from_pretrained(path)
+
+
 def _prompt():
     ids, mask = tiny_hf.left_padded_batch(PROMPT_LENGTHS, 131, total=PROMPT_LEN, seed=2)
     return jnp.asarray(ids.numpy(), jnp.int32), jnp.asarray(mask.numpy(), jnp.int32)
@@ -82,8 +90,11 @@ def test_overfull_cache_is_rejected(model):
         model(ids[:, :1], attention_mask=mask[:, :1], cache=cache)
 
 
-def test_decode_weights_give_the_same_cached_step(model):
-    """The unrolled per-layer path (sampler's decode loop) equals the scanned one, cache included."""
+@pytest.mark.parametrize("which", ["model", "tied_model"])
+def test_decode_weights_give_the_same_cached_step(which, request):
+    """The unrolled per-layer path (sampler's decode loop) equals the scanned one, cache included,
+    with an untied head (transposed once) and a tied one (the embedding read vocabulary-major)."""
+    model = request.getfixturevalue(which)
     ids, mask = _prompt()
     cache = model.init_cache(len(PROMPT_LENGTHS), PROMPT_LEN + 2)
     _, cache = cached(model, ids, mask, cache)
@@ -97,6 +108,6 @@ def test_decode_weights_give_the_same_cached_step(model):
     assert int(got_cache.index) == PROMPT_LEN + 1
     weights = model.decode_weights()
     assert len(weights["layers"]) == model.config.num_hidden_layers
-    assert weights["lm_head"].shape == (model.config.hidden_size, model.config.vocab_size)
+    assert weights["lm_head_vh"].shape == (model.config.vocab_size, model.config.hidden_size)
     with pytest.raises(ValueError, match="per-layer decode weights need a cache"):
         model(ids, attention_mask=mask, weights=weights)

@@ -115,17 +115,20 @@ class Qwen2ForCausalLM(nnx.Module):
                              mask=put(cache.mask, kv_cache.MASK_AXES))
 
     def decode_weights(self) -> dict[str, Any]:
-        """The weights as a decode loop reads them fastest: "layers", a tuple of L per-layer
-        parameter dicts (no layer axis), and "lm_head" [H, V] in the compute dtype.
+        """The weights as a decode loop reads them fastest on XLA CPU: "layers", a tuple of L
+        per-layer parameter dicts (no layer axis), and "lm_head_vh" [V, H] in the compute dtype
+        (the head vocabulary-major: the tied embedding as it is, an untied head transposed once).
 
         Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
         copies a layer's slice out of the stacked [L, ...] parameters on every use, so slicing
-        once outside the loop saves a full weight copy per token (the head is here so that a tied
-        head's transpose is also done once).
+        once outside the loop saves a full weight copy per token. The head's [8, H] x [V, H]
+        dot (each logit one contiguous row) measured 1.2-1.5x faster than against [H, V] for
+        V = 16384-32000 (a third of a ~40M model's decode step was its head).
         """
         stacked = self.layers.stacked()
         layers = tuple({name: a[i] for name, a in stacked.items()} for i in range(self.config.num_hidden_layers))
-        return {"layers": layers, "lm_head": self.lm_head_weight()}
+        head_vh = (self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...].T)
+        return {"layers": layers, "lm_head_vh": head_vh.astype(self.dtype)}
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       cache: kv_cache.KVCache | None = None, layers: tuple[dict, ...] | None = None):
@@ -209,8 +212,9 @@ class Qwen2ForCausalLM(nnx.Module):
         """
         out = self.hidden_states(input_ids, attention_mask, cache, None if weights is None else weights["layers"])
         hidden, new_cache = (out, None) if cache is None else out
-        head = self.lm_head_weight() if weights is None else weights["lm_head"]
-        logits = jnp.einsum("bth,hv->btv", hidden, head,
-                            preferred_element_type=jnp.float32)
+        if weights is None:
+            logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bth,vh->btv", hidden, weights["lm_head_vh"], preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"), self.mesh)
         return logits if cache is None else (logits, new_cache)
