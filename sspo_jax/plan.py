@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import sys
+import types
 from typing import Any
 
 from absl import app, flags
@@ -62,20 +63,11 @@ def param_arrays(cfg: Qwen2Config) -> list[tuple[tuple[int, ...], tuple[str, ...
 
 
 def shard_divisor(names, shape, sizes: dict[str, int], rules=None) -> int:
-    """How many ways an array is split, by sharding.logical_to_spec's rule: a mesh axis shards a
-    dimension when it divides what is left of it and no earlier dimension used it."""
-    rules = sharding.LOGICAL_RULES if rules is None else rules
-    used, divisor = set(), 1
-    for name, size in zip(names, shape):
-        target = rules.get(name) if name else None
-        for axis in ((target,) if isinstance(target, str) else tuple(target or ())):
-            n = sizes.get(axis, 1)
-            if axis in used or size % n:
-                continue
-            used.add(axis)
-            size //= n
-            divisor *= n
-    return divisor
+    """How many ways an array is split on a mesh with these axis sizes: the product of the mesh
+    axes that sharding.logical_to_spec (the trainer's own rule) gives it; only the sizes count."""
+    spec = sharding.logical_to_spec(names, shape, types.SimpleNamespace(shape=sizes), rules)
+    axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(sizes[a] for a in axes)
 
 
 def per_device(names, shape, sizes, rules=None) -> float:
@@ -83,8 +75,8 @@ def per_device(names, shape, sizes, rules=None) -> float:
     return math.prod(shape) / shard_divisor(names, shape, sizes, rules)
 
 
-# The sampler's copy with mesh.sampler_reshard: gathered over fsdp, still split over tensor.
-SAMPLER_RULES = {**sharding.LOGICAL_RULES, "embed": None}
+# The sampler's copy with mesh.sampler_reshard (gathered over fsdp, still split over tensor).
+SAMPLER_RULES = sharding.SAMPLER_RULES
 
 
 # ---------------------------------------------------------------- the mesh
