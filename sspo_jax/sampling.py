@@ -125,12 +125,17 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
     b, p = prompt_ids.shape
     rows, n_new = b * cfg.num_samples, cfg.max_new_tokens
 
+    # XLA on CPU copies a layer's weights out of the stacked arrays on every token, so there the
+    # layers are sliced once here (a second copy of the weights, unrolled layers). GPUs and TPUs
+    # slice without copying: they keep the scanned layers, one weight copy and a short compile.
+    weights = model.decode_weights() if jax.default_backend() == "cpu" else None
+
     cache = model.init_cache(b, p + n_new)
     hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
     # Left padded: the last column is a real token in every row, and the only one whose logits
-    # are needed (the LM head over all P positions would be a [B, P, V] float32 array).
-    last = jnp.einsum("bh,hv->bv", hidden[:, -1], model.lm_head_weight(),
-                      preferred_element_type=jnp.float32)                     # [B, V]
+    # are needed (the LM head over all P positions would be a [B, P, V] float32 array). The same
+    # head form as the decode steps (with `weights`, no transposed copy of a tied embedding).
+    last = model.head_logits(hidden[:, -1], weights)                         # [B, V]
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
         next_logits=jnp.repeat(last, cfg.num_samples, axis=0),
@@ -142,11 +147,6 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
         cache=_repeat_rows(cache, cfg.num_samples),
         rng=rng,
     )
-
-    # XLA on CPU copies a layer's weights out of the stacked arrays on every token, so there the
-    # layers are sliced once here (a second copy of the weights, unrolled layers). GPUs and TPUs
-    # slice without copying: they keep the scanned layers, one weight copy and a short compile.
-    weights = model.decode_weights() if jax.default_backend() == "cpu" else None
 
     def not_finished(s: _LoopState):
         return (s.step < n_new) & ~jnp.all(s.done)

@@ -130,6 +130,13 @@ class Qwen2ForCausalLM(nnx.Module):
         head_vh = (self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...].T)
         return {"layers": layers, "lm_head_vh": head_vh.astype(self.dtype)}
 
+    def head_logits(self, hidden: jax.Array, weights: dict[str, Any] | None = None) -> jax.Array:
+        """hidden [..., H] -> float32 logits [..., V]; with `decode_weights()`, from their
+        vocabulary-major head (the same products, in the layout XLA CPU reads fastest)."""
+        if weights is None:
+            return jnp.einsum("...h,hv->...v", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        return jnp.einsum("...h,vh->...v", hidden, weights["lm_head_vh"], preferred_element_type=jnp.float32)
+
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       cache: kv_cache.KVCache | None = None, layers: tuple[dict, ...] | None = None):
         """[B, T, H] after the final norm (in the compute dtype); with a cache, (hidden, cache).
@@ -212,9 +219,5 @@ class Qwen2ForCausalLM(nnx.Module):
         """
         out = self.hidden_states(input_ids, attention_mask, cache, None if weights is None else weights["layers"])
         hidden, new_cache = (out, None) if cache is None else out
-        if weights is None:
-            logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("bth,vh->btv", hidden, weights["lm_head_vh"], preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "vocab"), self.mesh)
+        logits = constrain(self.head_logits(hidden, weights), ("batch", "seq", "vocab"), self.mesh)
         return logits if cache is None else (logits, new_cache)
