@@ -19,8 +19,9 @@ CAUSAL_BLOCKS = 4  # query blocks of causal_block_attention
 
 def cpu_tuned() -> bool:
     """Whether to trace the forms tuned for XLA's CPU backend (`dense` with flat tokens,
-    `apply_rope_no_concat`, `causal_block_attention`, the unrolled layer scan in qwen2.py). Read at trace time; other backends keep the general forms,
-    and tests/test_update_speed_paths.py checks that both give the same results."""
+    `apply_rope_no_concat`, `causal_block_attention`, the unrolled layer scan in qwen2.py).
+    Read at trace time; other backends keep the general forms, and
+    tests/test_update_speed_paths.py checks that both give the same results."""
     return jax.default_backend() == "cpu"
 
 
