@@ -17,7 +17,7 @@ import numpy as np
 from sspo_jax import losses, segments
 from sspo_jax.distributed import to_numpy
 from sspo_jax.policy_update import PolicyBatch
-from sspo_jax.sharding import named_sharding, put_global
+from sspo_jax.sharding import named_sharding, put_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def assemble(prompt_ids, prompt_mask, sample, rewards, *, num_samples: int,
         x = np.asarray(x)
         if mesh is None:
             return jnp.asarray(x)
-        return put_global(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+        return put_batch(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
 
     rewards = place(np.asarray(rewards, np.float32))
     n_rows = sample.tokens.shape[0]

@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from sspo_jax import sampling_filters
 from sspo_jax.distributed import to_numpy
-from sspo_jax.sharding import named_sharding
+from sspo_jax.sharding import named_sharding, put_batch
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,8 @@ def generate(model, prompt_ids, prompt_mask, rng, *, num_samples: int = 1, max_n
     ids, mask = np.pad(ids, pad, constant_values=cfg.pad_id), np.pad(mask[:, -longest:], pad)
     mesh = getattr(model, "mesh", None)
     if mesh is not None:  # batch over the data axes; the model's params are already placed
-        ids = jax.device_put(ids, named_sharding(mesh, ("batch", "seq"), ids.shape))
-        mask = jax.device_put(mask, named_sharding(mesh, ("batch", "seq"), mask.shape))
+        ids = put_batch(ids, named_sharding(mesh, ("batch", "seq"), ids.shape))
+        mask = put_batch(mask, named_sharding(mesh, ("batch", "seq"), mask.shape))
     graphdef, params = nnx.split(model)
     return _generate_jit(graphdef, cfg, params, ids, mask, rng)
 

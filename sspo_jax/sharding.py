@@ -216,6 +216,21 @@ def put_global(value: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def put_batch(value: Any, sharding: NamedSharding) -> jax.Array:
+    """A batch whose rows are split as `sharding` says, from the global batch that every process
+    holds (the prompt stream is global, so a run does not depend on the number of processes).
+
+    Each process feeds JAX only its own share: the rows its devices hold, in order.
+    """
+    host = np.asarray(value)
+    if sharding.is_fully_addressable:
+        return jax.device_put(host, sharding)
+    blocks = sorted({index[0].indices(host.shape[0])[:2]
+                     for index in sharding.addressable_devices_indices_map(host.shape).values()})
+    local = np.concatenate([host[start:stop] for start, stop in blocks])
+    return jax.make_array_from_process_local_data(sharding, local, host.shape)
+
+
 # For decoding, FSDP-sharded weights would be all-gathered layer by layer at every decode step.
 # The sampler may instead get a copy gathered over fsdp once per RL step (sharded over tensor
 # only): one more copy of the weights per device, no per-token weight traffic.
