@@ -6,6 +6,7 @@ from flax import nnx
 
 import tiny_hf
 from sspo_jax import model as M
+from sspo_jax.model import qwen2 as QM
 
 PROMPT_LENGTHS = [7, 3, 5]
 PROMPT_LEN = 8  # one pad even in the longest row
@@ -90,24 +91,38 @@ def test_overfull_cache_is_rejected(model):
         model(ids[:, :1], attention_mask=mask[:, :1], cache=cache)
 
 
+@pytest.mark.parametrize("split_bytes", [QM.DECODE_SPLIT_BYTES, 0], ids=["default", "every_matrix_split"])
 @pytest.mark.parametrize("which", ["model", "tied_model"])
-def test_decode_weights_give_the_same_cached_step(which, request):
+def test_decode_weights_give_the_same_cached_step(which, split_bytes, request):
     """The unrolled per-layer path (sampler's decode loop) equals the scanned one, cache included,
-    with an untied head (transposed once) and a tied one (the embedding read vocabulary-major)."""
+    with an untied head (transposed once) and a tied one (the embedding read vocabulary-major),
+    with whole matrices and with every matrix in output blocks (split_bytes=0)."""
     model = request.getfixturevalue(which)
     ids, mask = _prompt()
     cache = model.init_cache(len(PROMPT_LENGTHS), PROMPT_LEN + 2)
     _, cache = cached(model, ids, mask, cache)
     token = jnp.asarray([[5], [17], [130]], jnp.int32)
-    with_weights = nnx.jit(lambda m, t, c: m(t, attention_mask=jnp.ones_like(t), cache=c, weights=m.decode_weights()))
+    with_weights = nnx.jit(lambda m, t, c: m(t, attention_mask=jnp.ones_like(t), cache=c,
+                                             weights=m.decode_weights(split_bytes)))
     want_logits, want_cache = cached(model, token, jnp.ones_like(token), cache)
     got_logits, got_cache = with_weights(model, token, cache)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-6, rtol=0)
     for got, want in zip((got_cache.k, got_cache.v, got_cache.mask), (want_cache.k, want_cache.v, want_cache.mask)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
     assert int(got_cache.index) == PROMPT_LEN + 1
-    weights = model.decode_weights()
-    assert len(weights["layers"]) == model.config.num_hidden_layers
-    assert weights["lm_head_vh"].shape == (model.config.vocab_size, model.config.hidden_size)
+    weights = model.decode_weights(split_bytes)
+    cfg = model.config
+    assert len(weights["layers"]) == cfg.num_hidden_layers
+    head = weights["lm_head_vh"]
+    if split_bytes:  # the test model is far below the threshold: whole matrices
+        assert head.shape == (cfg.vocab_size, cfg.hidden_size)
+        assert weights["layers"][0]["gate_w"].shape == (cfg.hidden_size, cfg.intermediate_size)
+    else:
+        parts = QM.DECODE_SPLIT_PARTS
+        sizes = [len(b) for b in np.array_split(np.arange(cfg.vocab_size), parts)]  # 131: uneven
+        assert [b.shape for b in head] == [(n, cfg.hidden_size) for n in sizes]
+        gate = weights["layers"][0]["gate_w"]
+        assert [b.shape for b in gate] == [(cfg.hidden_size, cfg.intermediate_size // parts)] * parts
+        np.testing.assert_array_equal(np.concatenate(gate, axis=1), np.asarray(model.layers.stacked()["gate_w"][0]))
     with pytest.raises(ValueError, match="per-layer decode weights need a cache"):
         model(ids, attention_mask=mask, weights=weights)

@@ -38,6 +38,14 @@ def dense(x: jax.Array, w: jax.Array, flat_tokens: bool) -> jax.Array:
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def dense_blocks(x: jax.Array, w: jax.Array | tuple[jax.Array, ...], flat_tokens: bool) -> jax.Array:
+    """`dense` where w may be a tuple of column blocks [in, out_i] (decode weights): the blocks'
+    products side by side, i.e. x @ concatenate(w, axis=1)."""
+    if not isinstance(w, tuple):
+        return dense(x, w, flat_tokens)
+    return jnp.concatenate([dense(x, block, flat_tokens) for block in w], axis=-1)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in float32, result in x's dtype."""
     x32 = x.astype(jnp.float32)
@@ -132,7 +140,8 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
                   slot: tuple[jax.Array, jax.Array] | None, *, num_heads: int, num_kv_heads: int,
                   head_dim: int, eps: float, dtype: Any, mesh: Mesh | None,
                   cpu_forms: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis).
+    """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis;
+    a matrix may be a tuple of column blocks, as in `Qwen2ForCausalLM.decode_weights`).
 
     Without a cache (kv None) the keys are this call's T tokens. With a cache, kv = (k, v) are
     ALL layers' caches, each [L, B, Hkv, S, D], and slot = (layer, index): the T new keys are
@@ -142,9 +151,10 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     `apply_rope_no_concat` and, without a cache, `causal_block_attention`.
     """
     b, t, _ = x.shape
-    w = {name: a.astype(dtype) for name, a in p.items()}
+    w = {name: tuple(part.astype(dtype) for part in a) if isinstance(a, tuple) else a.astype(dtype)
+         for name, a in p.items()}
 
-    mm = lambda a, name: dense(a, w[name], cpu_forms)  # noqa: E731
+    mm = lambda a, name: dense_blocks(a, w[name], cpu_forms)  # noqa: E731
     h = rms_norm(x, p["input_norm"], eps)
     q = mm(h, "q_w") + w["q_b"]
     k = mm(h, "k_w") + w["k_b"]

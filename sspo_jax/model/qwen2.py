@@ -25,6 +25,19 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# decode_weights: matrices of at least this many bytes come in this many blocks (measured on a
+# 2-core CPU; see decode_weights).
+DECODE_SPLIT_BYTES = 1 << 20
+DECODE_SPLIT_PARTS = 2
+
+
+def _split_output(a: jax.Array, *, axis: int, split_bytes: int) -> jax.Array | tuple[jax.Array, ...]:
+    """`a` as DECODE_SPLIT_PARTS blocks along `axis` (sizes differing by at most one) when it has
+    `split_bytes` or more, else `a` itself."""
+    if a.nbytes < split_bytes or a.shape[axis] < DECODE_SPLIT_PARTS:
+        return a
+    return tuple(jnp.array_split(a, DECODE_SPLIT_PARTS, axis=axis))
+
 
 def layer_param_specs(cfg: Qwen2Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """name -> (shape, logical axes) of ONE decoder layer's parameters, [in, out] layout."""
@@ -114,28 +127,39 @@ class Qwen2ForCausalLM(nnx.Module):
         return cache.replace(k=put(cache.k, kv_cache.KV_AXES), v=put(cache.v, kv_cache.KV_AXES),
                              mask=put(cache.mask, kv_cache.MASK_AXES))
 
-    def decode_weights(self) -> dict[str, Any]:
+    def decode_weights(self, split_bytes: int = DECODE_SPLIT_BYTES) -> dict[str, Any]:
         """The weights as a decode loop reads them fastest on XLA CPU: "layers", a tuple of L
         per-layer parameter dicts (no layer axis), and "lm_head_vh" [V, H] in the compute dtype
         (the head vocabulary-major: the tied embedding as it is, an untied head transposed once).
+        A matrix of `split_bytes` or more comes as a tuple of DECODE_SPLIT_PARTS blocks of its
+        output axis (columns of a [in, out] weight, rows of the [V, H] head).
 
         Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
         copies a layer's slice out of the stacked [L, ...] parameters on every use, so slicing
         once outside the loop saves a full weight copy per token. The head's [8, H] x [V, H]
         dot (each logit one contiguous row) measured 1.2-1.5x faster than against [H, V] for
-        V = 16384-32000 (a third of a ~40M model's decode step was its head).
+        V = 16384-32000 (a third of a ~40M model's decode step was its head). The blocks are
+        independent dots that XLA's thunk executor runs on two threads at once: a [8, K] x [K, N]
+        dot streaming its weights from DRAM reached ~7 GB/s alone and ~9-10 GB/s as two halves
+        (the ~40M sampling benchmark: generate 3.01 -> 2.76 s); below ~1 MiB a matrix is read
+        from cache and the extra dot costs more than it gains (the ~5M one: 0.54 -> 0.60 s split).
         """
         stacked = self.layers.stacked()
-        layers = tuple({name: a[i] for name, a in stacked.items()} for i in range(self.config.num_hidden_layers))
+        split = functools.partial(_split_output, split_bytes=split_bytes)
+        layers = tuple({name: split(a[i], axis=-1) if a.ndim == 3 else a[i] for name, a in stacked.items()}
+                       for i in range(self.config.num_hidden_layers))
         head_vh = (self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...].T)
-        return {"layers": layers, "lm_head_vh": head_vh.astype(self.dtype)}
+        return {"layers": layers, "lm_head_vh": split(head_vh.astype(self.dtype), axis=0)}
 
     def head_logits(self, hidden: jax.Array, weights: dict[str, Any] | None = None) -> jax.Array:
         """hidden [..., H] -> float32 logits [..., V]; with `decode_weights()`, from their
         vocabulary-major head (the same products, in the layout XLA CPU reads fastest)."""
         if weights is None:
             return jnp.einsum("...h,hv->...v", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
-        return jnp.einsum("...h,vh->...v", hidden, weights["lm_head_vh"], preferred_element_type=jnp.float32)
+        head = weights["lm_head_vh"]
+        blocks = head if isinstance(head, tuple) else (head,)
+        logits = [jnp.einsum("...h,vh->...v", hidden, b, preferred_element_type=jnp.float32) for b in blocks]
+        return logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       cache: kv_cache.KVCache | None = None, layers: tuple[dict, ...] | None = None):
