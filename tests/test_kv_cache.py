@@ -91,7 +91,7 @@ def test_overfull_cache_is_rejected(model):
         model(ids[:, :1], attention_mask=mask[:, :1], cache=cache)
 
 
-@pytest.mark.parametrize("split_bytes", [QM.DECODE_SPLIT_BYTES, 0], ids=["default", "every_matrix_split"])
+@pytest.mark.parametrize("split_bytes", [None, 0], ids=["default", "every_matrix_split"])
 @pytest.mark.parametrize("which", ["model", "tied_model"])
 def test_decode_weights_give_the_same_cached_step(which, split_bytes, request):
     """The unrolled per-layer path (sampler's decode loop) equals the scanned one, cache included,
@@ -114,7 +114,7 @@ def test_decode_weights_give_the_same_cached_step(which, split_bytes, request):
     cfg = model.config
     assert len(weights["layers"]) == cfg.num_hidden_layers
     head = weights["lm_head_vh"]
-    if split_bytes:  # the test model is far below the threshold: whole matrices
+    if split_bytes is None:  # the test model is far below DECODE_SPLIT_MODEL_BYTES: whole matrices
         assert head.shape == (cfg.vocab_size, cfg.hidden_size)
         assert weights["layers"][0]["gate_w"].shape == (cfg.hidden_size, cfg.intermediate_size)
     else:

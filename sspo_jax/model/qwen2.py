@@ -25,8 +25,11 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# decode_weights: matrices of at least this many bytes come in this many blocks (measured on a
-# 2-core CPU; see decode_weights).
+# decode_weights: in a model of at least DECODE_SPLIT_MODEL_BYTES of weights (more than a CPU's
+# last-level cache holds: each decode step streams them from DRAM), matrices of at least
+# DECODE_SPLIT_BYTES come in DECODE_SPLIT_PARTS blocks. Measured on a 2-core CPU with a 35.8 MiB
+# L3; see decode_weights.
+DECODE_SPLIT_MODEL_BYTES = 64 << 20
 DECODE_SPLIT_BYTES = 1 << 20
 DECODE_SPLIT_PARTS = 2
 
@@ -127,12 +130,13 @@ class Qwen2ForCausalLM(nnx.Module):
         return cache.replace(k=put(cache.k, kv_cache.KV_AXES), v=put(cache.v, kv_cache.KV_AXES),
                              mask=put(cache.mask, kv_cache.MASK_AXES))
 
-    def decode_weights(self, split_bytes: int = DECODE_SPLIT_BYTES) -> dict[str, Any]:
+    def decode_weights(self, split_bytes: int | None = None) -> dict[str, Any]:
         """The weights as a decode loop reads them fastest on XLA CPU: "layers", a tuple of L
         per-layer parameter dicts (no layer axis), and "lm_head_vh" [V, H] in the compute dtype
         (the head vocabulary-major: the tied embedding as it is, an untied head transposed once).
         A matrix of `split_bytes` or more comes as a tuple of DECODE_SPLIT_PARTS blocks of its
-        output axis (columns of a [in, out] weight, rows of the [V, H] head).
+        output axis (columns of a [in, out] weight, rows of the [V, H] head); by default
+        DECODE_SPLIT_BYTES in a model of DECODE_SPLIT_MODEL_BYTES or more, else none.
 
         Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
         copies a layer's slice out of the stacked [L, ...] parameters on every use, so slicing
@@ -141,10 +145,14 @@ class Qwen2ForCausalLM(nnx.Module):
         V = 16384-32000 (a third of a ~40M model's decode step was its head). The blocks are
         independent dots that XLA's thunk executor runs on two threads at once: a [8, K] x [K, N]
         dot streaming its weights from DRAM reached ~7 GB/s alone and ~9-10 GB/s as two halves
-        (the ~40M sampling benchmark: generate 3.01 -> 2.76 s); below ~1 MiB a matrix is read
-        from cache and the extra dot costs more than it gains (the ~5M one: 0.54 -> 0.60 s split).
+        (the ~40M sampling benchmark, 154 MB of weights: generate 3.14 -> 2.79 s). A model that
+        fits the cache gains nothing and pays for the extra dots (the ~5M one, 20 MB: its 4 MiB
+        head split 0.531 -> 0.556 s; every matrix split 0.54 -> 0.60 s).
         """
         stacked = self.layers.stacked()
+        if split_bytes is None:
+            total = sum(a.nbytes for a in jax.tree.leaves(nnx.state(self, nnx.Param)))
+            split_bytes = DECODE_SPLIT_BYTES if total >= DECODE_SPLIT_MODEL_BYTES else total + 1
         split = functools.partial(_split_output, split_bytes=split_bytes)
         layers = tuple({name: split(a[i], axis=-1) if a.ndim == 3 else a[i] for name, a in stacked.items()}
                        for i in range(self.config.num_hidden_layers))
