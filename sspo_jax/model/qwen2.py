@@ -7,6 +7,7 @@ the activations.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ DECODE_SPLIT_BYTES = 1 << 20
 DECODE_SPLIT_PARTS = 2
 
 
-def _split_output(a: jax.Array, *, axis: int, split_bytes: int) -> jax.Array | tuple[jax.Array, ...]:
+def _split_output(a: jax.Array, *, axis: int, split_bytes: float) -> jax.Array | tuple[jax.Array, ...]:
     """`a` as DECODE_SPLIT_PARTS blocks along `axis` (sizes differing by at most one) when it has
     `split_bytes` or more, else `a` itself."""
     if a.nbytes < split_bytes or a.shape[axis] < DECODE_SPLIT_PARTS:
@@ -130,7 +131,7 @@ class Qwen2ForCausalLM(nnx.Module):
         return cache.replace(k=put(cache.k, kv_cache.KV_AXES), v=put(cache.v, kv_cache.KV_AXES),
                              mask=put(cache.mask, kv_cache.MASK_AXES))
 
-    def decode_weights(self, split_bytes: int | None = None) -> dict[str, Any]:
+    def decode_weights(self, split_bytes: float | None = None) -> dict[str, Any]:
         """The weights as a decode loop reads them fastest on XLA CPU: "layers", a tuple of L
         per-layer parameter dicts (no layer axis), and "lm_head_vh" [V, H] in the compute dtype
         (the head vocabulary-major: the tied embedding as it is, an untied head transposed once).
@@ -152,7 +153,7 @@ class Qwen2ForCausalLM(nnx.Module):
         stacked = self.layers.stacked()
         if split_bytes is None:
             total = sum(a.nbytes for a in jax.tree.leaves(nnx.state(self, nnx.Param)))
-            split_bytes = DECODE_SPLIT_BYTES if total >= DECODE_SPLIT_MODEL_BYTES else total + 1
+            split_bytes = DECODE_SPLIT_BYTES if total >= DECODE_SPLIT_MODEL_BYTES else math.inf
         split = functools.partial(_split_output, split_bytes=split_bytes)
         layers = tuple({name: split(a[i], axis=-1) if a.ndim == 3 else a[i] for name, a in stacked.items()}
                        for i in range(self.config.num_hidden_layers))
