@@ -13,12 +13,13 @@ Each dot depends on the previous one's result (as layers do), so chains cannot o
 import argparse
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+
+from sampling import timed  # benchmarks/sampling.py, this script's sibling
 
 
 def chain(dot):
@@ -40,13 +41,9 @@ def blocks_dot(h, w_blocks):
 
 
 def best_time(fn, reps: int) -> float:
+    """Min of `reps` calls after one warm-up call (compilation, first touch of the weights)."""
     fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return timed(fn, reps)
 
 
 def main():
