@@ -1,9 +1,12 @@
 """Training-state checkpoints on orbax, so a run resumes exactly where it stopped.
 
-One checkpoint holds two items:
-- `state`: a pytree of arrays (parameters, optimizer state, step, RNG key data, ...), saved with
-  orbax's standard handler, which writes sharded arrays from every process together;
+A checkpoint holds named items, each its own orbax item so that any one can be read alone:
+- pytrees of arrays (the trainer's `params` and `opt_state`), saved with orbax's standard
+  handler, which writes sharded arrays from every process together;
 - `meta`: a JSON dict (the data iterator's state, counters, anything small and not an array).
+
+Evaluation, export and the KL reference read only `params`, into abstract shapes: the optimizer
+state (twice the parameters with Adam) is never materialised for them.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save (kill -9, preemption) leaves the previous checkpoint as the latest one: the training
@@ -18,6 +21,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from sspo_jax.sharding import abstract
+
+META = "meta"
 
 
 class Checkpointer:
@@ -47,8 +55,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=create,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""
@@ -57,8 +64,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
-        """Saves if `step` is a multiple of `save_every` (or `force`); returns whether it saved.
+    def save(self, step: int, items: dict[str, Any], meta: dict | None = None, *,
+             force: bool = False) -> bool:
+        """Saves `items` (name -> pytree of arrays) and `meta` if `step` is a multiple of
+        `save_every` (or `force`); returns whether it saved.
 
         With async saving the arrays are copied off the device before this returns and written in
         the background; `wait()` blocks until the write is complete.
@@ -67,15 +76,19 @@ class Checkpointer:
             return False
         if step in self.all_steps():
             return False  # already saved (e.g. the final step was also on the interval)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(meta or {}))
+        if META in items:
+            raise ValueError(f"checkpoint item name {META!r} is reserved for the JSON meta")
+        args = ocp.args.Composite(**{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
+                                  **{META: ocp.args.JsonSave(meta or {})})
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores (state, meta) at `step` (default: the latest).
+    def restore(self, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict, dict]:
+        """Restores (items, meta) at `step` (default: the latest); only the items named in
+        `abstract_items` are read.
 
-        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with `.sharding` where the arrays
-        should land sharded) or of concrete arrays whose shapes, dtypes and shardings are used.
+        Each item's abstract tree holds `jax.ShapeDtypeStruct`s (with `.sharding` where the
+        arrays should land sharded; `abstract` makes them from arrays or nnx State) or concrete
+        arrays whose shapes, dtypes and shardings are used.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -83,11 +96,18 @@ class Checkpointer:
         if step not in self.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
-        abstract = jax.tree.map(_as_abstract, abstract_state)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                          meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"] or {})
+        step_dir = epath.Path(self.directory) / str(step)
+        for name in abstract_items:
+            if not (step_dir / name).exists():
+                found = sorted(p.name for p in step_dir.iterdir() if p.is_dir())
+                raise FileNotFoundError(
+                    f"checkpoint {step_dir} has no item {name!r} (it holds {found}); a checkpoint "
+                    f"with a 'state' item was written by an older sspo_jax, which saved parameters "
+                    f"and optimizer state together: rerun that training with this version")
+        args = {name: ocp.args.StandardRestore(abstract(tree)) for name, tree in abstract_items.items()}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **args, **{META: ocp.args.JsonRestore()}))
+        return {name: restored[name] for name in abstract_items}, dict(restored[META] or {})
 
     def wait(self) -> None:
         """Blocks until any background save has finished."""
@@ -96,13 +116,6 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def _as_abstract(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    sharding = getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 class PreemptionWatcher:

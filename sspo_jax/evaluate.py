@@ -100,21 +100,24 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     from sspo_jax import metrics as metrics_lib
     from sspo_jax import sharding
     from sspo_jax.data.benchmarks import FIVE_BENCHMARKS
-    from sspo_jax.policy_bootstrap import build_policy, eval_rows, restore_params
+    from sspo_jax.checkpoint import Checkpointer
+    from sspo_jax.policy_bootstrap import build_policy, eval_rows, policy_skeleton, restore_params
+    from sspo_jax.run_config import check_workdir, checkpoint_dir
 
     e = config.eval
-    mesh = sharding.mesh_from_config(config.mesh)
-    tokenizer, model = build_policy(config, mesh)
-    sharding.shard_model(model, mesh)
-    from sspo_jax.checkpoint import Checkpointer
-    from sspo_jax.run_config import check_workdir, checkpoint_dir
     check_workdir(workdir)
+    mesh = sharding.mesh_from_config(config.mesh)
     ckpt_dir = checkpoint_dir(config, workdir)
-    source = config.model.hf_dir or "a random model"
     if Checkpointer(ckpt_dir, save_every=1, create=False).latest_step() is not None:
-        source = f"checkpoint step {restore_params(config, model, ckpt_dir, step)} in {ckpt_dir}"
+        # Parameters only, read into an empty skeleton: no HF weights loaded first, no optimizer state.
+        tokenizer, model = policy_skeleton(config, mesh)
+        source = f"checkpoint step {restore_params(model, ckpt_dir, step)} in {ckpt_dir}"
     elif step is not None:
         raise FileNotFoundError(f"--step={step} given but {ckpt_dir} holds no checkpoint")
+    else:
+        tokenizer, model = build_policy(config, mesh)
+        sharding.shard_model(model, mesh)  # a no-op for an HF model, loaded onto the mesh
+        source = config.model.hf_dir or "a random model"
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}

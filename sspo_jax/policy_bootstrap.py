@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sspo_jax import model as model_lib
+from sspo_jax import sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -19,25 +20,53 @@ def build_policy(config, mesh=None):
     own synthetic-task tokenizer (the CPU demo).
 
     A Hugging Face checkpoint is loaded straight onto `mesh` (each device reads its shards); the
-    tiny model is built on one device (every process the same, from the seed) and sharded by the
-    caller (`sharding.shard_model`), after the warm start if there is one."""
+    tiny model is built on one device (every process the same, from the seed) and laid out on
+    the mesh by the caller (`sharding.shard_model`), after the warm start if there is one."""
     m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
-    from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
+    tokenizer = _tokenizer(config)
     if m.hf_dir:
-        hf_dir = _local_checkpoint(m.hf_dir)
-        tokenizer = load_tokenizer(m.tokenizer_dir or hf_dir)
-        model = model_lib.from_pretrained(hf_dir, dtype=dtype, param_dtype=param_dtype,
-                                          remat=m.remat, mesh=mesh)
+        model = model_lib.from_pretrained(_local_checkpoint(m.hf_dir), dtype=dtype,
+                                          param_dtype=param_dtype, remat=m.remat, mesh=mesh)
         return tokenizer, model
-    tokenizer = load_tokenizer(m.tokenizer_dir) if m.tokenizer_dir else build_tokenizer()
-    tiny = dict(m.tiny)
-    heads = tiny["num_attention_heads"]
-    cfg = model_lib.Qwen2Config(vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // heads,
-                                **tiny)
-    model = model_lib.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(config.seed), dtype=dtype,
-                                       param_dtype=param_dtype, remat=m.remat)
+    model = model_lib.Qwen2ForCausalLM(_model_config(config, tokenizer), rngs=nnx.Rngs(config.seed),
+                                       dtype=dtype, param_dtype=param_dtype, remat=m.remat)
     return tokenizer, model
+
+
+def policy_skeleton(config, mesh):
+    """(tokenizer, model) like `build_policy`, but the model holds no data: every parameter is a
+    `jax.ShapeDtypeStruct` with its sharding on `mesh`, ready to be filled from a checkpoint
+    (`restore_params`, `restore_training_state`) without loading or initialising weights first."""
+    m = config.model
+    dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    tokenizer = _tokenizer(config)
+    cfg = (model_lib.Qwen2Config.from_hf(_local_checkpoint(m.hf_dir)) if m.hf_dir
+           else _model_config(config, tokenizer))
+    model = nnx.eval_shape(lambda: model_lib.Qwen2ForCausalLM(
+        cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype, remat=m.remat,
+        mesh=mesh))
+    state = nnx.state(model)
+    shardings = sharding.state_shardings(state, mesh)
+    nnx.update(model, jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                   state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return tokenizer, model
+
+
+def _tokenizer(config):
+    from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
+    m = config.model
+    if m.tokenizer_dir or m.hf_dir:
+        return load_tokenizer(m.tokenizer_dir or _local_checkpoint(m.hf_dir))
+    return build_tokenizer()
+
+
+def _model_config(config, tokenizer):
+    """The tiny demo model's config (`model.tiny`, vocabulary from the tokenizer)."""
+    tiny = dict(config.model.tiny)
+    heads = tiny["num_attention_heads"]
+    return model_lib.Qwen2Config(vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // heads,
+                                 **tiny)
 
 
 def optimizer_from_config(config):
@@ -50,21 +79,32 @@ def optimizer_from_config(config):
                           grad_clip=o.grad_clip)
 
 
-def restore_params(config, model, checkpoint_dir: str, step: int | None = None) -> int:
-    """Loads the policy parameters of a training checkpoint into `model`; returns the step."""
+def restore_params(model, checkpoint_dir: str, step: int | None = None) -> int:
+    """Fills `model` (a `policy_skeleton`, or a model whose arrays give the target shardings)
+    with the policy parameters of a training checkpoint; returns the step. Only the `params`
+    item is read: no optimizer state is built or loaded."""
     from sspo_jax.checkpoint import Checkpointer
-    from sspo_jax.policy_update import init_optimizer
-    ckpt = Checkpointer(checkpoint_dir, save_every=1)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: train first, or evaluate a "
-                                f"Hugging Face directory with --config.model.hf_dir")
-    _, params = nnx.split(model)
-    opt_state = init_optimizer(optimizer_from_config(config), params)
-    state, _ = ckpt.restore({"params": params, "opt_state": opt_state}, step=step)
-    nnx.update(model, state["params"])
-    ckpt.close()
+    ckpt = Checkpointer(checkpoint_dir, save_every=1, create=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: train first, or evaluate "
+                                    f"a Hugging Face directory with --config.model.hf_dir")
+        items, _ = ckpt.restore({"params": sharding.abstract(nnx.state(model))}, step=step)
+    finally:
+        ckpt.close()
+    nnx.update(model, items["params"])
     return step
+
+
+def abstract_opt_state(optimizer, params):
+    """The optimizer state `policy_update.init_optimizer(optimizer, params)` would make, as
+    `jax.ShapeDtypeStruct`s with its shardings, computed without allocating it (`params` may be
+    abstract): what a resumed run restores the saved state into."""
+    from sspo_jax.policy_update import optimizer_state_shardings
+    shapes = jax.eval_shape(optimizer.init, sharding.abstract(params))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        optimizer_state_shardings(optimizer, params))
 
 
 def _local_checkpoint(name: str) -> str:

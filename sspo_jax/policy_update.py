@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sspo_jax import logprobs, losses
 from sspo_jax.loss_metrics import combine_metrics
-from sspo_jax.sharding import constrain
+from sspo_jax.sharding import abstract, constrain
 
 
 @struct.dataclass
@@ -74,22 +74,25 @@ def make_optimizer(lr: float, *, schedule: str = "constant", warmup_steps: int =
 
 
 def init_optimizer(optimizer, params):
-    """`optimizer.init(params)` with every leaf committed to the params' devices.
+    """`optimizer.init(params)` with every leaf committed to the params' devices (the layout of
+    `optimizer_state_shardings`)."""
+    return jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params))(params)
 
-    optax creates some leaves (step counts) as scalars on the default device, uncommitted; the
-    update returns them committed (and, under a mesh, replicated over it), and jit would compile
-    a second program for the changed input, or refuse the mix of devices. So: the moments are
-    made under jit (sharded like the parameters) and the counts are replicated over the
-    parameters' devices.
-    """
+
+def optimizer_state_shardings(optimizer, params):
+    """Where each leaf of `optimizer.init(params)` lives (`params` real or abstract, with
+    shardings): the moments as jit lays them out (sharded like the parameters), the step counts
+    replicated over the parameters' devices.
+
+    optax creates the counts as scalars on the default device, uncommitted; the update returns
+    them committed (and, under a mesh, replicated over it), and jit would compile a second
+    program for the changed input, or refuse the mix of devices. Computed by compiling the init
+    alone, so no state is allocated (a resumed run restores into these)."""
     home = jax.tree.leaves(params)[0].sharding
     replicated = (NamedSharding(home.mesh, PartitionSpec()) if isinstance(home, NamedSharding)
                   else home)
-
-    def commit(x):
-        return jax.device_put(x, x.sharding if x.sharding.device_set == home.device_set else replicated)
-
-    return jax.tree.map(commit, jax.jit(optimizer.init)(params))
+    laid_out = jax.jit(optimizer.init).lower(abstract(params)).compile().output_shardings
+    return jax.tree.map(lambda s: s if s.device_set == home.device_set else replicated, laid_out)
 
 
 def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperature: float,

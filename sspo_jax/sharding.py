@@ -14,6 +14,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -158,6 +159,17 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
+def abstract(tree: Any) -> Any:
+    """`tree` with every array (or nnx Variable value) as a `jax.ShapeDtypeStruct` carrying its
+    sharding: what to read a checkpoint into, without holding any data."""
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, tree)
+
+
 def _context_mesh():
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
@@ -194,22 +206,48 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Moves every parameter of `model` onto `mesh` by its logical axes (in place; returns model).
+    """Lays every parameter of `model` out on `mesh` by its logical axes (in place; returns model).
 
-    With several processes each must hold the same values (e.g. the same seed): every process
-    places the parts its own devices hold.
+    One placement per tensor: a parameter already laid out as its axes say (e.g. loaded straight
+    onto the mesh by `from_pretrained`) is left as it is; one on other devices of the mesh is
+    re-laid out on device (`relayout`); a local one (a model built on one device, the same on
+    every process from the seed) is placed from this process's copy.
     """
     state = nnx.state(model)
     shardings = state_shardings(state, mesh)
     values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    nnx.update(model, jax.tree.map(put_global, values, shardings))
+    nnx.update(model, jax.tree.map(place, values, shardings))
     if hasattr(model, "mesh"):
         model.mesh = mesh
     return model
 
 
+def place(value: Any, sharding: NamedSharding) -> jax.Array:
+    """`value` with `sharding`: itself when it already has it; a process-spanning array re-laid
+    out on device (never through host NumPy, which cannot read other hosts' shards); a local
+    value (the same on every process) placed from this process's copy."""
+    if isinstance(value, jax.Array):
+        if value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value
+        if not value.is_fully_addressable:
+            return relayout(value, sharding)
+    return put_global(value, sharding)
+
+
+def relayout(tree: Any, shardings: Any, dtypes: Any = None) -> Any:
+    """`tree` (arrays on the mesh, possibly across processes) laid out as `shardings`, on
+    device: one jitted program, so every process moves only its devices' shards. `dtypes`, if
+    given, is a prefix tree of `tree` (like `shardings`) of the dtype each array should have
+    (cast in the same program)."""
+    if dtypes is None:
+        return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+    cast = lambda d, sub: jax.tree.map(lambda x: x.astype(d), sub)  # noqa: E731
+    return jax.jit(lambda t: jax.tree.map(cast, dtypes, t), out_shardings=shardings)(tree)
+
+
 def put_global(value: Any, sharding: NamedSharding) -> jax.Array:
-    """`value` (the same on every process) placed with `sharding`, which may span processes."""
+    """`value` (the same on every process, readable here) placed with `sharding`, which may
+    span processes."""
     if sharding.is_fully_addressable:
         return jax.device_put(value, sharding)
     host = np.asarray(value)
@@ -237,7 +275,17 @@ def put_batch(value: Any, sharding: NamedSharding) -> jax.Array:
 SAMPLER_RULES = {**LOGICAL_RULES, "embed": None}
 
 
-def sampler_params(params: Any, abstract_state: Any, mesh: Mesh) -> Any:
-    """A copy of `params` laid out by SAMPLER_RULES (`abstract_state`: the model's nnx State,
-    whose Variables carry the logical axes)."""
-    return jax.device_put(params, state_shardings(abstract_state, mesh, SAMPLER_RULES))
+def sampler_params(params: Any, abstract_state: Any, mesh: Mesh, dtype: Any) -> Any:
+    """The sampler's copy of `params`: laid out by SAMPLER_RULES and, in one program, cast to
+    the compute `dtype` (`abstract_state`: the model's nnx State, whose Variables carry the
+    logical axes). Norm weights keep their dtype: the forward computes norms in float32 and
+    casts every other weight to the compute dtype itself, so the copy samples exactly as the
+    training parameters do, from half the bytes in bf16."""
+    shardings = state_shardings(abstract_state, mesh, SAMPLER_RULES)
+
+    def target(variable):
+        keep = "norm" in (logical_axes(variable) or ()) or not jnp.issubdtype(variable.dtype, jnp.floating)
+        return jnp.dtype(variable.dtype if keep else dtype)
+
+    dtypes = jax.tree.map(target, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return relayout(params, shardings, dtypes)

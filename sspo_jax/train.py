@@ -26,8 +26,8 @@ from sspo_jax import rewards as rewards_lib
 from sspo_jax import run_config, sampling, sharding
 from sspo_jax.distributed import to_numpy
 from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
-from sspo_jax.policy_bootstrap import (build_policy, load_task, optimizer_from_config,
-                                       write_run_info)
+from sspo_jax.policy_bootstrap import (abstract_opt_state, build_policy, load_task,
+                                       optimizer_from_config, policy_skeleton, write_run_info)
 
 CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", ".3f"),
                 ("clip_frac_total/token", "clip", ".4f"), ("entropy_mean", "entropy", ".3f"),
@@ -47,7 +47,15 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     is_chief = distributed.is_chief()
     os.makedirs(workdir, exist_ok=True)
     write_run_info(workdir, config, mesh)
-    tokenizer, model = build_policy(config, mesh)
+    checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(config, workdir),
+                                        save_every=config.checkpoint.every,
+                                        keep=config.checkpoint.keep,
+                                        async_save=config.checkpoint.async_save)
+    start = checkpoints.latest_step()
+    resumed = start is not None
+    # A resumed run fills an empty skeleton from the checkpoint: no weights are loaded or
+    # initialised just to be overwritten.
+    tokenizer, model = (policy_skeleton(config, mesh) if resumed else build_policy(config, mesh))
     train_rows, eval_rows = load_task(config)
     tables = rollout.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
     eos_ids = sampling.default_eos_ids(tokenizer)
@@ -59,47 +67,42 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     settings = policy_update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
                                             micro_batch_size=t.micro_batch_size,
                                             logprob_chunk=t.logprob_chunk)
-    checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(config, workdir),
-                                        save_every=config.checkpoint.every,
-                                        keep=config.checkpoint.keep,
-                                        async_save=config.checkpoint.async_save)
     grader = rewards_lib.Grader()
     watcher = ckpt_lib.PreemptionWatcher()
-    start = checkpoints.latest_step()
-    resumed = start is not None
     counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
     if resumed:
-        sharding.shard_model(model, mesh)
         graphdef, params = nnx.split(model)
-        opt_state = policy_update.init_optimizer(optimizer, params)
-        state, meta = checkpoints.restore({"params": params, "opt_state": opt_state})
-        params, opt_state = state["params"], state["opt_state"]
+        items, meta = checkpoints.restore({"params": params,
+                                           "opt_state": abstract_opt_state(optimizer, params)})
+        params, opt_state = items["params"], items["opt_state"]
         data_iter.set_state(meta["data"])
         counters = meta["counters"]
         if is_chief:
             print(f"resumed from the checkpoint of step {start} in {checkpoints.directory}", flush=True)
     else:
         start = 0
-        if config.warm_start.steps:  # on one device, before sharding (the demo's tiny model)
+        if config.warm_start.steps:  # the tiny model on one device; an HF model on the mesh
             _warm_start(config, model, tokenizer, train_rows, is_chief)
-        sharding.shard_model(model, mesh)
+        sharding.shard_model(model, mesh)  # a no-op for a model loaded onto the mesh
         graphdef, params = nnx.split(model)
         opt_state = policy_update.init_optimizer(optimizer, params)
-    # The KL reference is the starting policy (step 0: after the warm start, always kept).
+    # The KL reference is the starting policy (step 0: after the warm start, always kept); a
+    # resumed run reads only its parameters.
     ref_params = None
     if loss_cfg.kl_beta > 0:
         ref_params = (jax.tree.map(jax.numpy.copy, params) if not resumed else
-                      checkpoints.restore({"params": params, "opt_state": opt_state}, step=0)[0]["params"])
+                      checkpoints.restore({"params": params}, step=0)[0]["params"])
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start if resumed else None,
                                        enabled=is_chief)
     rows_out = []
 
     def sampler_model():
         """The policy as the sampler sees it: the training params, or (mesh.sampler_reshard) a
-        copy gathered over fsdp for decoding."""
+        copy gathered over fsdp, in the compute dtype, for decoding."""
         if not config.mesh.sampler_reshard:
             return nnx.merge(graphdef, params)
-        return nnx.merge(graphdef, sharding.sampler_params(params, nnx.state(model), mesh))
+        return nnx.merge(graphdef, sharding.sampler_params(params, nnx.state(model), mesh,
+                                                           model.dtype))
 
     def evaluate_now(step):
         summary, _ = evaluate.evaluate_rows(

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from sspo_jax.data.templates import render_prompt
 from sspo_jax.policy_update import init_optimizer, response_logprobs
+from sspo_jax.sharding import named_sharding, put_batch
 
 
 def encode_examples(rows: Sequence[dict], tokenizer, *, template: str, prompt_len: int,
@@ -69,7 +71,8 @@ def _sft_step(params, opt_state, tokens, attn, resp_mask, *, graphdef, optimizer
 
 def warm_start(model, examples, *, steps: int, lr: float, batch_size: int, prompt_len: int,
                seed: int, chunk: int = 128, log: Callable[[int, float], None] | None = None):
-    """Fits `model` (in place) to `examples` from `encode_examples` for `steps` Adam steps.
+    """Fits `model` (in place) to `examples` from `encode_examples` for `steps` Adam steps, on
+    the devices its parameters are on (one device, or a mesh).
 
     Batches are drawn by a seeded permutation, epoch after epoch, so the result is reproducible.
     Returns the list of per-step losses.
@@ -79,6 +82,7 @@ def warm_start(model, examples, *, steps: int, lr: float, batch_size: int, promp
     if n < batch_size:
         raise ValueError(f"{n} warm-start examples cannot fill a batch of {batch_size}")
     graphdef, params = nnx.split(model)
+    place = _batch_placer(params)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
     opt_state = init_optimizer(optimizer, params)
     rng = np.random.default_rng(seed)
@@ -88,11 +92,21 @@ def warm_start(model, examples, *, steps: int, lr: float, batch_size: int, promp
             order, pos = rng.permutation(n), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        params, opt_state, loss = _sft_step(params, opt_state, tokens[idx], attn[idx], resp[idx],
-                                            graphdef=graphdef, optimizer=optimizer,
-                                            prompt_len=prompt_len, chunk=chunk)
+        batch = [place(a[idx]) for a in (tokens, attn, resp)]
+        params, opt_state, loss = _sft_step(params, opt_state, *batch, graphdef=graphdef,
+                                            optimizer=optimizer, prompt_len=prompt_len, chunk=chunk)
         history.append(float(loss))
         if log is not None:
             log(step, history[-1])
     nnx.update(model, params)
     return history
+
+
+def _batch_placer(params):
+    """How a host batch enters the step: as it is for a model on one device; split over the
+    mesh's batch axes for a model on a mesh (an HF checkpoint loaded there, which may span
+    processes: each process then feeds only its devices' rows)."""
+    home = jax.tree.leaves(params)[0].sharding
+    if not isinstance(home, NamedSharding):
+        return lambda x: x
+    return lambda x: put_batch(x, named_sharding(home.mesh, ("batch", None), x.shape))

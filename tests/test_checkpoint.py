@@ -1,4 +1,5 @@
-"""Checkpoints restore exactly: arrays bit for bit, shardings as asked, JSON meta as saved."""
+"""Checkpoints restore exactly: arrays bit for bit, shardings as asked, JSON meta as saved; each
+item can be read alone."""
 import os
 import signal
 
@@ -9,6 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sspo_jax.checkpoint import Checkpointer, PreemptionWatcher
+from sspo_jax.sharding import abstract
 
 
 def _state(seed):
@@ -17,8 +19,7 @@ def _state(seed):
     return {
         "params": {"w": jax.random.normal(k1, (8, 4)), "b": jnp.arange(4, dtype=jnp.bfloat16)},
         "opt": {"mu": jax.random.normal(k2, (8, 4)), "count": jnp.array(7, jnp.int32)},
-        "rng": jax.random.key_data(k),
-        "step": jnp.array(seed, jnp.int32),
+        "extra": {"rng": jax.random.key_data(k), "step": jnp.array(seed, jnp.int32)},
     }
 
 
@@ -77,6 +78,22 @@ def test_restore_into_sharding(tmp_path):
     restored, _ = ckpt.restore(abstract)
     assert restored["params"]["w"].sharding.is_equivalent_to(target, 2)
     _assert_same(restored, state)
+    ckpt.close()
+
+
+def test_one_item_is_read_alone(tmp_path):
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    state = _state(2)
+    ckpt.save(3, state, meta={"n": 1})
+    ckpt.wait()
+    restored, meta = ckpt.restore({"params": abstract(state["params"])})
+    assert set(restored) == {"params"} and meta == {"n": 1}
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
+    _assert_same(restored["params"], state["params"])
+    with pytest.raises(FileNotFoundError, match="no item 'moments'"):
+        ckpt.restore({"moments": abstract(state["opt"])})
+    with pytest.raises(ValueError, match="reserved"):
+        ckpt.save(4, {"meta": state["params"]})
     ckpt.close()
 
 

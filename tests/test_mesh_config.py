@@ -3,6 +3,7 @@ of the weights, and the per-process row blocks of multi-host grading."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -60,24 +61,32 @@ def test_multi_slice_mesh_puts_the_dcn_axis_across_slices():
     assert [{d.slice_index for d in grid[:, j].flat} for j in range(4)] == [{0}, {0}, {1}, {1}]
 
 
-def test_sampler_copy_is_gathered_over_fsdp_and_samples_the_same():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sampler_copy_is_gathered_over_fsdp_in_the_compute_dtype_and_samples_the_same(dtype):
     cfg = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                         max_position_embeddings=64)
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-    model = sharding.shard_model(M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
+    model = sharding.shard_model(M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype), mesh)
     graphdef, params = nnx.split(model)
-    copy = sharding.sampler_params(params, nnx.state(model), mesh)
+    copy = sharding.sampler_params(params, nnx.state(model), mesh, dtype)
     train_specs = [str(x.sharding.spec) for x in jax.tree.leaves(params)]
     copy_specs = [str(x.sharding.spec) for x in jax.tree.leaves(copy)]
     assert any("fsdp" in s for s in train_specs)
     assert not any("fsdp" in s for s in copy_specs) and any("tensor" in s for s in copy_specs)
+    # Matrices, biases and the embedding in the compute dtype; norms (computed in float32) not.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(copy):
+        want = jnp.float32 if "norm" in jax.tree_util.keystr(path) else dtype
+        assert leaf.dtype == want, (jax.tree_util.keystr(path), leaf.dtype)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # the training copy
     ids = np.random.default_rng(0).integers(1, 64, (4, 6)).astype(np.int32)
     mask = np.ones_like(ids)
     kw = dict(num_samples=2, max_new_tokens=8, temperature=1.0, eos_ids=(1,), pad_id=0)
     a = sampling.generate(nnx.merge(graphdef, params), ids, mask, jax.random.key(3), **kw)
     b = sampling.generate(nnx.merge(graphdef, copy), ids, mask, jax.random.key(3), **kw)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    # The forward casts float32 weights to the compute dtype itself, so casting them once
+    # beforehand gives the same products: float32 log-probs within 1e-5.
     np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
 
 

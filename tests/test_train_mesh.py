@@ -152,7 +152,7 @@ def _final_params(workdir):
     from ml_collections import config_dict
 
     from sspo_jax import run_config
-    from sspo_jax.policy_bootstrap import build_policy, restore_params
+    from sspo_jax.policy_bootstrap import policy_skeleton, restore_params
     c = run_config.get_config()
     for key, value in MESH_RUN.items():
         *path, leaf = key.split(".")
@@ -162,9 +162,8 @@ def _final_params(workdir):
         node[leaf] = value
     assert isinstance(c, config_dict.ConfigDict)
     mesh = sharding.mesh_from_config(c.mesh)
-    _, model = build_policy(c, mesh)
-    sharding.shard_model(model, mesh)
-    step = restore_params(c, model, os.path.join(workdir, "checkpoints"))
+    _, model = policy_skeleton(c, mesh)
+    step = restore_params(model, os.path.join(workdir, "checkpoints"))
     return step, nnx.state(model)
 
 
