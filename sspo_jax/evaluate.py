@@ -97,6 +97,18 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     """Evaluates the policy of `workdir` (or `model.hf_dir`); writes and returns the summary.
 
     On the config's mesh; with several processes all take part and process 0 writes the files."""
+    from sspo_jax.compile_cache import CompileCache
+    cache = CompileCache(config.compile_cache, workdir)
+    try:
+        summary = _evaluate(config, workdir, step)
+    finally:
+        cache.close()
+    if distributed.is_chief():
+        print(cache.summary(), flush=True)
+    return summary
+
+
+def _evaluate(config, workdir: str, step: int | None) -> dict:
     from sspo_jax import metrics as metrics_lib
     from sspo_jax import sharding
     from sspo_jax.data.benchmarks import FIVE_BENCHMARKS

@@ -24,15 +24,20 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
     import jax.numpy as jnp
 
     from sspo_jax import model as model_lib, run_config, sharding
+    from sspo_jax.compile_cache import CompileCache
     from sspo_jax.policy_bootstrap import policy_skeleton, restore_params
 
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     run_config.check_workdir(workdir)
     mesh = sharding.mesh_from_config(config.mesh)
-    tokenizer, model = policy_skeleton(config, mesh)  # filled with the checkpoint's parameters only
-    step = restore_params(model, run_config.checkpoint_dir(config, workdir), step)
-    model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype))
+    cache = CompileCache(config.compile_cache, workdir)  # the all-gathers of the weights compile
+    try:
+        tokenizer, model = policy_skeleton(config, mesh)  # filled with the checkpoint's parameters only
+        step = restore_params(model, run_config.checkpoint_dir(config, workdir), step)
+        model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype))
+    finally:
+        cache.close()
     if distributed.is_chief():
         tokenizer.save_pretrained(out_dir)
         print(f"exported the policy of step {step} to {os.path.abspath(out_dir)}", flush=True)

@@ -380,14 +380,16 @@ class Times:
 
 def step_times(costs: Costs, chip: Chip, devices: int) -> Times:
     """Compute-bound parts at TRAIN_MFU of the slice's peak; decoding at DECODE_EFFICIENCY of the
-    per-step roofline max(HBM bytes / bandwidth, FLOPs / peak, ICI bytes / ICI bandwidth), times
-    every step of every sampler pass."""
+    per-step roofline max(HBM bytes / bandwidth, FLOPs / peak, ICI bytes / all-gather bandwidth),
+    times every step of every sampler pass. The ICI bytes are what each device receives of the
+    fsdp all-gathers; they arrive over the two links of one torus dimension
+    (`Chip.ici_gather_bandwidth`), not over all of the chip's ports."""
     decode_steps = costs.decode_steps
     peak = devices * chip.peak_flops
     at_mfu = lambda flops: (flops / (peak * TRAIN_MFU[1]), flops / (peak * TRAIN_MFU[0]))  # noqa: E731
     per_step = max(costs.decode_step_bytes / chip.hbm_bandwidth,
                    costs.decode_flops / decode_steps / peak,
-                   costs.decode_step_ici_bytes / chip.ici_bandwidth if chip.ici_bandwidth else 0.0)
+                   costs.decode_step_ici_bytes / chip.ici_gather_bandwidth)
     roofline = decode_steps * per_step
     return Times(prefill=at_mfu(costs.prefill_flops), decode_roofline=roofline,
                  decode=(roofline / DECODE_EFFICIENCY[1], roofline / DECODE_EFFICIENCY[0]),

@@ -26,23 +26,44 @@ class Chip:
     hbm_bytes: float
     peak_flops: float          # dense bf16 FLOP/s
     hbm_bandwidth: float       # bytes/s
-    ici_bandwidth: float | None  # bidirectional bytes/s per chip; None where the page gives none
+    ici_bandwidth: float       # bytes/s per chip, both directions of all its ICI ports added
+    ici_ports: int             # ICI links per chip: 4 on the 2-D tori (v5e, v6e), 6 on the 3-D
     cores_per_chip: int        # the accelerator type counts TensorCores on v4/v5p (v4-8 = 4 chips)
     chips_per_host: int
     source: str
 
+    @property
+    def ici_link_bandwidth(self) -> float:
+        """One ICI link, one direction (bytes/s)."""
+        return self.ici_bandwidth / (2 * self.ici_ports)
 
-# Figures from Google's Cloud TPU system-architecture pages (the URL in each entry). The pages
+    @property
+    def ici_gather_bandwidth(self) -> float:
+        """What a chip receives per second in an all-gather over a mesh axis laid along one torus
+        dimension with wraparound (a bidirectional ring): its two links on that dimension, one
+        direction each. Without wraparound (a line) an all-gather takes up to twice as long; an
+        axis spread over several dimensions gets more links. The plan assumes the ring."""
+        return 2 * self.ici_link_bandwidth
+
+
+# Figures from Google's Cloud TPU system-architecture pages (the URL in each entry), checked
+# against them: peak bf16 FLOP/s, HBM capacity and bandwidth, "bidirectional ICI bandwidth per
+# chip" (v5e 400 GB/s, v5p 1200 GB/s, v6e 800 GB/s; older versions of the pages gave the same
+# figures as one direction in Gbit/s: 1600, 4800, 3200) and ports (4 on v5e / v6e; v4 and v5p
+# are 3-D tori, 6). The v4 page gives no per-chip ICI figure, only the pod's bisection bandwidth
+# (24 TB/s over the 2 x 16 x 16 = 512 links crossing a 16^3 pod): 46.9 GB/s per link and
+# direction, so 2 x 6 x 46.9 = 562.5 GB/s per chip. The same derivation gives v5e's published
+# figure from its 1.6 TB/s pod bisection (32 links: 50 GB/s, 2 x 4 x 50 = 400 GB/s). The pages
 # write "16 GB" / "32 GB" for v5e / v6e HBM; taken as GiB here (the 90% fit margin covers the
 # difference).
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9, None, 2, 4,
+    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9, 2 * 6 * 24e12 / 512, 6, 2, 4,
                "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, 400e9, 1, 8,
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, 400e9, 4, 1, 8,
                 "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, 1200e9, 2, 4,
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, 1200e9, 6, 2, 4,
                 "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1638e9, 800e9, 1, 8,
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1638e9, 800e9, 4, 1, 8,
                 "https://cloud.google.com/tpu/docs/v6e"),
 }
 FAMILY_ALIASES = {"v5litepod": "v5e"}
@@ -172,8 +193,9 @@ def report(p, show_items: bool = True) -> str:
         f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} head); "
         f"parameters {config.model.param_dtype}, compute {config.model.dtype}, remat {config.model.remat}",
         f"- slice: {slice_.name}: {slice_.chips} chips ({slice_.hosts} host(s)) x {gib(hbm)} HBM, "
-        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip "
-        f"({chip.source})",
+        f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip; "
+        f"ICI {chip.ici_bandwidth / 1e9:.0f} GB/s per chip both ways over {chip.ici_ports} links "
+        f"({chip.ici_link_bandwidth / 1e9:.3g} GB/s per link and direction) ({chip.source})",
         f"- mesh: data={d} fsdp={f} tensor={t} over {mesh.devices} devices (within a slice "
         f"{mesh.ici}, slices {mesh.dcn}); the batch splits {mesh.batch_shards} ways",
         f"- step: {s.prompts} prompts x {s.samples} samples = {s.rows} rows of {s.prompt_len} prompt + "
@@ -210,7 +232,8 @@ def report(p, show_items: bool = True) -> str:
         f"{_flops(costs.decode_flops)} | {_seconds(times.decode)} | "
         f"roofline {times.decode_roofline:.3g} s at {DECODE_EFFICIENCY[0]:.0%}-{DECODE_EFFICIENCY[1]:.0%}: "
         f"{costs.decode_step_bytes / 1e9:.3g} GB HBM"
-        + (f" + {costs.decode_step_ici_bytes / 1e9:.3g} GB ICI" if costs.decode_step_ici_bytes else "")
+        + (f" + {costs.decode_step_ici_bytes / 1e9:.3g} GB ICI (all-gathers at "
+           f"{chip.ici_gather_bandwidth / 1e9:.3g} GB/s)" if costs.decode_step_ici_bytes else "")
         + " per device per step |",
         f"| training (model FLOPs) | {_flops(costs.train_model_flops)} | {_seconds(times.train)} | "
         f"MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%}; executed with remat: {_flops(costs.train_flops)} |",

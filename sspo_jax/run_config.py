@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     # dir: "" = WORKDIR/checkpoints; or a URL orbax writes directly, e.g. gs://BUCKET/run (every
     # process of a multi-host run writes its shards there, and it outlives a preempted TPU VM).
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True, dir=""))
+    # Persistent XLA compilation cache (sspo_jax/compile_cache.py): dir "" = WORKDIR/compile_cache,
+    # "none" = off, or a path / URL; on several hosts a directory they all read (gs://...), since
+    # only process 0 writes entries. Programs compiling faster than min_compile_secs are not cached.
+    c.compile_cache = ml_collections.ConfigDict(dict(dir="", min_compile_secs=1.0))
     c.eval = ml_collections.ConfigDict(dict(
         every=25,                      # 0 = never; step 0 (the starting policy) is evaluated too
         num_prompts=256,
@@ -229,3 +233,5 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
     need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1,
          "checkpoint.every and checkpoint.keep must be >= 1")
     need(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 = never)")
+    need(c.compile_cache.min_compile_secs >= 0,
+         f"compile_cache.min_compile_secs={c.compile_cache.min_compile_secs} must be >= 0")

@@ -24,6 +24,7 @@ from sspo_jax import checkpoint as ckpt_lib
 from sspo_jax import distributed, evaluate, metrics as metrics_lib, policy_update, rollout
 from sspo_jax import rewards as rewards_lib
 from sspo_jax import run_config, sampling, sharding
+from sspo_jax.compile_cache import CompileCache
 from sspo_jax.distributed import to_numpy
 from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.policy_bootstrap import (abstract_opt_state, build_policy, load_task,
@@ -43,6 +44,17 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     run_config.check_workdir(workdir)
     mesh = sharding.mesh_from_config(config.mesh)
     run_config.validate(config, batch_shards=sharding.batch_shards(mesh))
+    cache = CompileCache(config.compile_cache, workdir)
+    try:
+        rows = _train(config, workdir, mesh)
+    finally:
+        cache.close()
+    if distributed.is_chief():
+        print(cache.summary(), flush=True)
+    return rows
+
+
+def _train(config, workdir: str, mesh) -> list[dict]:
     loss_cfg = run_config.loss_config(config.loss)
     is_chief = distributed.is_chief()
     os.makedirs(workdir, exist_ok=True)

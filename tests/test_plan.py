@@ -139,6 +139,41 @@ def _math_config(**rollout):
     return c
 
 
+def test_chip_ici_figures_and_the_all_gather_bandwidth():
+    """The table holds the published bidirectional per-chip ICI figures; an fsdp all-gather
+    receives over the two links of one torus dimension, one direction each (ICI / ports)."""
+    published = {"v5e": (400e9, 4), "v5p": (1200e9, 6), "v6e": (800e9, 4)}
+    for family, (both_ways, ports) in published.items():
+        chip = plan.CHIPS[family]
+        assert (chip.ici_bandwidth, chip.ici_ports) == (both_ways, ports)
+        assert chip.ici_gather_bandwidth == pytest.approx(both_ways / ports)
+    # v4: derived from the pod bisection (24 TB/s over 512 links of a 16^3 torus), 6 ports.
+    assert plan.CHIPS["v4"].ici_link_bandwidth == pytest.approx(24e12 / 512)
+    assert plan.CHIPS["v4"].ici_gather_bandwidth == pytest.approx(2 * 24e12 / 512)
+
+
+@pytest.mark.parametrize("reshard", [False, True])
+def test_sharded_decode_pays_its_all_gathers_at_the_gather_bandwidth(reshard):
+    """1.5B on a v5p-64 (fsdp=32): each decode step all-gathers the bf16 layers, (31/32) of
+    them arriving per device; with the sampler copy there are none and the copy is read in bf16."""
+    c = _math_config()
+    c.model.dtype, c.mesh.sampler_reshard = "bfloat16", reshard
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"])
+    slice_ = plan.parse_slice("v5p-64")
+    mesh = plan.resolve_mesh(c.mesh, slice_)
+    costs = plan.cost_model(c, cfg, mesh)
+    times = plan.step_times(costs, slice_.chip, mesh.devices)
+    bf16_weights = 2 * plan.param_count(cfg)  # tensor=1: the gathered copy is the whole model
+    if reshard:
+        assert costs.decode_step_ici_bytes == 0
+    else:
+        assert costs.decode_step_ici_bytes == pytest.approx(bf16_weights * 31 / 32)
+    per_step = max(costs.decode_step_bytes / slice_.chip.hbm_bandwidth,
+                   costs.decode_flops / costs.decode_steps / (mesh.devices * slice_.chip.peak_flops),
+                   costs.decode_step_ici_bytes / 200e9)
+    assert times.decode_roofline == pytest.approx(costs.decode_steps * per_step)
+
+
 @pytest.mark.parametrize("slice_name", ["v5p-8", "v5e-8"])
 def test_sampling_passes_cost_one_decode_loop_each(slice_name):
     """rollout.sample_batch_size=32 of 128 prompts: 4 sampler calls, each a decode loop of
