@@ -7,9 +7,6 @@ by the two processes restores in one.
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import multiproc as mp
 from sspo_jax import losses, model as M, policy_update as PU, sharding
 
 B, P, R = 16, 8, 12
@@ -119,32 +117,9 @@ EXACT = ("step", "reward/", "response/", "grading/", "groups/", "eval/", "skippe
          "bad_steps_total", "clip_frac")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _train_cmd(workdir, *extra):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = [f"--config.{k}={v}" for k, v in MESH_RUN.items()]
-    return repo, [sys.executable, "-m", "sspo_jax.train", "--config=configs/demo.py",
-                  f"--workdir={workdir}", *flags, *extra]
-
-
-def _start(workdir, devices, log, *extra):
-    repo, cmd = _train_cmd(workdir, *extra)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def _finish(proc, log, timeout=1200):
-    assert proc.wait(timeout=timeout) == 0, open(log).read()[-4000:]
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def _train_args(workdir):
+    return ["--config=configs/demo.py", f"--workdir={workdir}",
+            *[f"--config.{k}={v}" for k, v in MESH_RUN.items()]]
 
 
 def _final_params(workdir):
@@ -170,17 +145,14 @@ def _final_params(workdir):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_and_their_checkpoint_restores_in_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    port = _free_port()
-    procs = [(_start(two, 4, tmp_path / f"two_{i}.log", f"--coordinator_address=localhost:{port}",
-                     "--num_processes=2", f"--process_id={i}"), tmp_path / f"two_{i}.log")
-             for i in range(2)]
-    single = _start(one, 8, tmp_path / "one.log")
-    for proc, log in [*procs, (single, tmp_path / "one.log")]:
-        _finish(proc, log)
+    logs = [tmp_path / "two_0.log", tmp_path / "two_1.log", tmp_path / "one.log"]
+    procs = mp.start_processes("sspo_jax.train", _train_args(two), 2, 4, logs)
+    procs.append(mp.start("sspo_jax.train", _train_args(one), 8, logs[2]))
+    mp.finish(procs, logs)
 
     info = json.load(open(os.path.join(two, "run_info.json")))
     assert info["process_count"] == 2 and info["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    rows_one, rows_two = _rows(one), _rows(two)
+    rows_one, rows_two = mp.metric_rows(one), mp.metric_rows(two)
     assert [r["step"] for r in rows_two] == [0, 1, 2, 3]
     assert rows_two[-1]["reward/mean"] > 0 or rows_two[1]["reward/mean"] > 0  # it really graded
     for a, b in zip(rows_one, rows_two):
