@@ -4,6 +4,10 @@
 # Checkpoints go to --checkpoints, a gs:// URL every worker writes its shards to (it outlives a
 # preempted VM); metrics and plots to --workdir on each worker (process 0's are the real ones;
 # default ~/runs/RUN). Each worker's console goes to ~/sspo_logs/RUN.log (launch/logs.sh).
+# Compiled programs are cached in gs://BUCKET/sspo_compile_cache (the bucket of --checkpoints),
+# which every worker reads: JAX writes cache entries from process 0 only, so a per-worker local
+# directory would leave the other workers recompiling after a preemption. Another place: pass
+# --config.compile_cache.dir=... after -- (the last value wins).
 #   launch/run.sh --name=sspo --zone=us-east5-a --config=configs/qwen2_5_math_1_5b.py:sspo \
 #       --checkpoints=gs://BUCKET/runs/sspo-1p5b [--workdir=DIR] [--run=NAME] [--dry-run] \
 #       [-- --config.optimizer.lr=1e-6 ...]
@@ -34,6 +38,12 @@ done
 [[ -n "$CONFIG" ]] || die "no config: pass --config=configs/FILE.py[:ARG]"
 [[ -n "$CHECKPOINTS" ]] || die "no checkpoints: pass --checkpoints=gs://BUCKET/PATH (shared by all workers)"
 RUN_NAME="${RUN_NAME:-$(basename "${CONFIG%%.py*}")}"
+if [[ "$CHECKPOINTS" == *://* ]]; then  # gs://BUCKET/...: the bucket's top level
+  bucket_path="${CHECKPOINTS#*://}"
+  COMPILE_CACHE="${CHECKPOINTS%%://*}://${bucket_path%%/*}/sspo_compile_cache"
+else  # a directory mounted on every worker: beside it
+  COMPILE_CACHE="$(dirname "$CHECKPOINTS")/sspo_compile_cache"
+fi
 
 quoted_args=""
 for arg in "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"; do quoted_args+=" $(printf '%q' "$arg")"; done
@@ -46,5 +56,6 @@ else
 fi
 on_all_workers "mkdir -p ~/sspo_logs && cd ~/sspo_jax && .venv/bin/python -m sspo_jax.train \
 --config=$(printf '%q' "$CONFIG") --workdir=$workdir_arg \
---config.checkpoint.dir=$(printf '%q' "$CHECKPOINTS") --multihost$quoted_args \
+--config.checkpoint.dir=$(printf '%q' "$CHECKPOINTS") \
+--config.compile_cache.dir=$(printf '%q' "$COMPILE_CACHE") --multihost$quoted_args \
 2>&1 | tee ~/sspo_logs/$RUN_NAME.log"

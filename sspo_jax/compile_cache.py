@@ -15,7 +15,9 @@ import os
 import jax
 from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
-HIT, MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
+# JAX's monitoring events: every compilation that consults the cache, and those it served.
+REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
+HIT = "/jax/compilation_cache/cache_hits"
 
 
 def directory(cache_cfg, workdir: str) -> str | None:
@@ -29,11 +31,14 @@ def directory(cache_cfg, workdir: str) -> str | None:
 class CompileCache:
     """Points this process's compilation cache at the configured directory and counts what it
     served (`hits`) and what had to be compiled (`misses`) until `close()`, which puts the
-    previous settings back (a library caller, or a test process, keeps its own)."""
+    previous settings back (a library caller, or a test process, keeps its own).
+
+    As a context manager (`with CompileCache(...):`) it closes on exit and, after a command that
+    ran to the end, prints `summary()` on process 0."""
 
     def __init__(self, cache_cfg, workdir: str):
         self.dir = directory(cache_cfg, workdir)
-        self.hits = self.misses = 0
+        self.hits = self.requests = 0
         self._previous = None
         if self.dir is None:
             return
@@ -52,11 +57,15 @@ class CompileCache:
         # make it decide again with these settings.
         reset_cache()
 
+    @property
+    def misses(self) -> int:
+        return self.requests - self.hits
+
     def _count(self, event: str, **_):
         if event == HIT:
             self.hits += 1
-        elif event == MISS:
-            self.misses += 1
+        elif event == REQUEST:
+            self.requests += 1
 
     def summary(self) -> str:
         """One line for the console, e.g. `compilation cache DIR: 12 programs read, 3 compiled`."""
@@ -66,6 +75,14 @@ class CompileCache:
         if jax.process_count() > 1 and "://" not in self.dir:
             note = " (a local directory: only process 0 writes it; give hosts a shared compile_cache.dir)"
         return f"compilation cache {self.dir}: {self.hits} programs read, {self.misses} compiled{note}"
+
+    def __enter__(self) -> "CompileCache":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close()
+        if exc_type is None and jax.process_index() == 0:
+            print(self.summary(), flush=True)
 
     def close(self) -> None:
         if self._previous is not None:

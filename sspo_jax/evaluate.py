@@ -98,14 +98,8 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
 
     On the config's mesh; with several processes all take part and process 0 writes the files."""
     from sspo_jax.compile_cache import CompileCache
-    cache = CompileCache(config.compile_cache, workdir)
-    try:
-        summary = _evaluate(config, workdir, step)
-    finally:
-        cache.close()
-    if distributed.is_chief():
-        print(cache.summary(), flush=True)
-    return summary
+    with CompileCache(config.compile_cache, workdir):
+        return _evaluate(config, workdir, step)
 
 
 def _evaluate(config, workdir: str, step: int | None) -> dict:

@@ -31,13 +31,10 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
         raise ValueError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     run_config.check_workdir(workdir)
     mesh = sharding.mesh_from_config(config.mesh)
-    cache = CompileCache(config.compile_cache, workdir)  # the all-gathers of the weights compile
-    try:
+    with CompileCache(config.compile_cache, workdir):  # the all-gathers of the weights compile
         tokenizer, model = policy_skeleton(config, mesh)  # filled with the checkpoint's parameters only
         step = restore_params(model, run_config.checkpoint_dir(config, workdir), step)
         model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype))
-    finally:
-        cache.close()
     if distributed.is_chief():
         tokenizer.save_pretrained(out_dir)
         print(f"exported the policy of step {step} to {os.path.abspath(out_dir)}", flush=True)

@@ -37,27 +37,21 @@ def build_policy(config, mesh=None):
 def policy_skeleton(config, mesh):
     """(tokenizer, model) like `build_policy`, but the model holds no data: every parameter is a
     `jax.ShapeDtypeStruct` with its sharding on `mesh`, ready to be filled from a checkpoint
-    (`restore_params`, `restore_training_state`) without loading or initialising weights first."""
+    (`restore_params`, or the trainer's resume) without loading or initialising weights first."""
     m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
-    tokenizer = _tokenizer(config)
-    cfg = (model_lib.Qwen2Config.from_hf(_local_checkpoint(m.hf_dir)) if m.hf_dir
+    tokenizer = _tokenizer(config, weights=False)
+    cfg = (model_lib.Qwen2Config.from_hf(_local_checkpoint(m.hf_dir, weights=False)) if m.hf_dir
            else _model_config(config, tokenizer))
-    model = nnx.eval_shape(lambda: model_lib.Qwen2ForCausalLM(
-        cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype, remat=m.remat,
-        mesh=mesh))
-    state = nnx.state(model)
-    shardings = sharding.state_shardings(state, mesh)
-    nnx.update(model, jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                   state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    return tokenizer, model
+    return tokenizer, model_lib.abstract_model(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
+                                               remat=m.remat)
 
 
-def _tokenizer(config):
+def _tokenizer(config, weights: bool = True):
     from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
     m = config.model
     if m.tokenizer_dir or m.hf_dir:
-        return load_tokenizer(m.tokenizer_dir or _local_checkpoint(m.hf_dir))
+        return load_tokenizer(m.tokenizer_dir or _local_checkpoint(m.hf_dir, weights))
     return build_tokenizer()
 
 
@@ -107,12 +101,14 @@ def abstract_opt_state(optimizer, params):
                         optimizer_state_shardings(optimizer, params))
 
 
-def _local_checkpoint(name: str) -> str:
-    """A local directory as is; an `org/name` hub id is downloaded (cached) first."""
+def _local_checkpoint(name: str, weights: bool = True) -> str:
+    """A local directory as is; an `org/name` hub id is downloaded (cached) first, without the
+    weight files when only the config and tokenizer are needed (`weights=False`)."""
     if os.path.isdir(name):
         return name
     from huggingface_hub import snapshot_download
-    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    patterns = ["*.json", "*.txt", "*.model"] + (["*.safetensors"] if weights else [])
+    return snapshot_download(name, allow_patterns=patterns)
 
 
 def eval_rows(config, name: str) -> list[dict]:

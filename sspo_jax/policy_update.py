@@ -74,25 +74,25 @@ def make_optimizer(lr: float, *, schedule: str = "constant", warmup_steps: int =
 
 
 def init_optimizer(optimizer, params):
-    """`optimizer.init(params)` with every leaf committed to the params' devices (the layout of
-    `optimizer_state_shardings`)."""
+    """`optimizer.init(params)` laid out as `optimizer_state_shardings` says."""
     return jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params))(params)
 
 
 def optimizer_state_shardings(optimizer, params):
     """Where each leaf of `optimizer.init(params)` lives (`params` real or abstract, with
-    shardings): the moments as jit lays them out (sharded like the parameters), the step counts
-    replicated over the parameters' devices.
+    shardings): every per-parameter leaf (Adam's moments) sharded like its parameter, the rest
+    (step counts) replicated over the parameters' devices.
 
-    optax creates the counts as scalars on the default device, uncommitted; the update returns
-    them committed (and, under a mesh, replicated over it), and jit would compile a second
-    program for the changed input, or refuse the mix of devices. Computed by compiling the init
-    alone, so no state is allocated (a resumed run restores into these)."""
+    Stated, not left to jit: optax makes the moments with zeros_like, which never reads the
+    parameters, so jit alone would put them on one device (and then every device would hold
+    them whole); and the update returns the counts committed and replicated, so an init that
+    differed would compile the update twice."""
     home = jax.tree.leaves(params)[0].sharding
     replicated = (NamedSharding(home.mesh, PartitionSpec()) if isinstance(home, NamedSharding)
                   else home)
-    laid_out = jax.jit(optimizer.init).lower(abstract(params)).compile().output_shardings
-    return jax.tree.map(lambda s: s if s.device_set == home.device_set else replicated, laid_out)
+    shapes = jax.eval_shape(optimizer.init, abstract(params))
+    return optax.tree_map_params(optimizer, lambda _, p: p.sharding, shapes, abstract(params),
+                                 transform_non_params=lambda _: replicated)
 
 
 def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperature: float,

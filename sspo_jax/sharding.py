@@ -10,6 +10,7 @@ axis. So an odd vocabulary or 2 kv heads on a 4-way tensor axis still works, rep
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -236,13 +237,24 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
 
 def relayout(tree: Any, shardings: Any, dtypes: Any = None) -> Any:
     """`tree` (arrays on the mesh, possibly across processes) laid out as `shardings`, on
-    device: one jitted program, so every process moves only its devices' shards. `dtypes`, if
-    given, is a prefix tree of `tree` (like `shardings`) of the dtype each array should have
-    (cast in the same program)."""
-    if dtypes is None:
-        return jax.jit(lambda t: t, out_shardings=shardings)(tree)
-    cast = lambda d, sub: jax.tree.map(lambda x: x.astype(d), sub)  # noqa: E731
-    return jax.jit(lambda t: jax.tree.map(cast, dtypes, t), out_shardings=shardings)(tree)
+    device: one jitted program, so every process moves only its devices' shards. `shardings`
+    (and `dtypes`, if given: the dtype each array should have, cast in the same program) are
+    prefix trees of `tree` with one entry per array. The program is compiled once per layout."""
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = tuple(jax.tree.leaves(shardings))
+    casts = None if dtypes is None else tuple(jnp.dtype(d) for d in jax.tree.leaves(dtypes))
+    if len(targets) != len(leaves) or (casts is not None and len(casts) != len(leaves)):
+        raise ValueError(f"relayout: {len(leaves)} arrays but {len(targets)} shardings"
+                         + ("" if casts is None else f" and {len(casts)} dtypes"))
+    return jax.tree.unflatten(treedef, _relayout_program(targets, casts)(leaves))
+
+
+@functools.lru_cache(maxsize=32)
+def _relayout_program(shardings: tuple, dtypes: tuple | None):
+    def move(leaves):
+        return leaves if dtypes is None else [x.astype(d) for x, d in zip(leaves, dtypes)]
+
+    return jax.jit(move, out_shardings=list(shardings))
 
 
 def put_global(value: Any, sharding: NamedSharding) -> jax.Array:

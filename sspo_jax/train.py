@@ -44,14 +44,8 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     run_config.check_workdir(workdir)
     mesh = sharding.mesh_from_config(config.mesh)
     run_config.validate(config, batch_shards=sharding.batch_shards(mesh))
-    cache = CompileCache(config.compile_cache, workdir)
-    try:
-        rows = _train(config, workdir, mesh)
-    finally:
-        cache.close()
-    if distributed.is_chief():
-        print(cache.summary(), flush=True)
-    return rows
+    with CompileCache(config.compile_cache, workdir):
+        return _train(config, workdir, mesh)
 
 
 def _train(config, workdir: str, mesh) -> list[dict]:

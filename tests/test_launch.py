@@ -67,7 +67,7 @@ def test_run_passes_config_checkpoints_multihost_and_trainer_flags():
     assert line.startswith("gcloud compute tpus tpu-vm ssh sspo --zone=z --worker=all --command=")
     for piece in ["sspo_jax.train", "--config=configs/qwen2_5_math_1_5b.py:sspo",
                   "--workdir=$HOME/runs/qwen2_5_math_1_5b", "--config.checkpoint.dir=gs://bucket/run",
-                  "--multihost", "--config.optimizer.lr=1e-6", "~/sspo_logs/qwen2_5_math_1_5b.log"]:
+                  "--config.compile_cache.dir=gs://bucket/sspo_compile_cache", "--multihost", "--config.optimizer.lr=1e-6", "~/sspo_logs/qwen2_5_math_1_5b.log"]:
         assert piece in line.replace("\\", ""), piece
     rc, out, _ = dry("run.sh", "--name=sspo", "--zone=z", "--config=c.py", "--checkpoints=gs://b/r",
                      "--workdir=/mnt/runs/my run")

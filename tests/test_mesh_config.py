@@ -88,6 +88,16 @@ def test_sampler_copy_is_gathered_over_fsdp_in_the_compute_dtype_and_samples_the
     # The forward casts float32 weights to the compute dtype itself, so casting them once
     # beforehand gives the same products: float32 log-probs within 1e-5.
     np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+    # The copy is made every RL step: its program compiles once, not per call.
+    compiles = []
+    listener = lambda event, _, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            sharding.sampler_params(params, nnx.state(model), mesh, dtype)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
 
 
 @pytest.mark.parametrize("n,count", [(10, 3), (8, 2), (3, 4), (1024, 32)])

@@ -2,7 +2,7 @@
 from sspo_jax.model.cache import KVCache, init_cache
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.hf_io import from_pretrained, save_pretrained
-from sspo_jax.model.qwen2 import REMAT_POLICIES, Qwen2ForCausalLM
+from sspo_jax.model.qwen2 import REMAT_POLICIES, Qwen2ForCausalLM, abstract_model
 
-__all__ = ["KVCache", "init_cache", "Qwen2Config", "Qwen2ForCausalLM", "REMAT_POLICIES",
+__all__ = ["KVCache", "init_cache", "Qwen2Config", "Qwen2ForCausalLM", "REMAT_POLICIES", "abstract_model",
            "from_pretrained", "save_pretrained"]

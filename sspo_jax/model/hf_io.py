@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (lets safetensors' numpy reader return bfloat16)
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sspo_jax.model.config import Qwen2Config
-from sspo_jax.model.qwen2 import Qwen2ForCausalLM
-from sspo_jax.sharding import logical_axes, named_sharding
+from sspo_jax.model.qwen2 import Qwen2ForCausalLM, abstract_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -85,19 +84,15 @@ def from_pretrained(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, param_d
     hf_dir = os.fspath(hf_dir)
     cfg = Qwen2Config.from_hf(hf_dir)
     param_dtype = param_dtype or dtype
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                    param_dtype=param_dtype, remat=remat, mesh=mesh))
+    model = abstract_model(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
     files = _weight_files(hf_dir)
     plan = list(_weight_plan(model))
     handles = {path: safe_open(path, framework="numpy") for path in sorted(set(files.values()))}
     _check_names_and_shapes(plan, files, handles, cfg)
     for var, names, transpose, stacked in plan:
-        if mesh is None:
-            sharding = SingleDeviceSharding(jax.devices()[0])
-        else:
-            sharding = named_sharding(mesh, logical_axes(var), var.shape)
         slices = [handles[files[n]].get_slice(n) for n in names]
-        var.set_value(_load_sharded(var.shape, sharding, slices, transpose, stacked, param_dtype))
+        var.set_value(_load_sharded(var.shape, var.get_value().sharding, slices, transpose, stacked,
+                                    param_dtype))
     return model
 
 

@@ -13,12 +13,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from sspo_jax.model import cache as kv_cache
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.layers import cpu_tuned, decoder_layer, rms_norm, rope_cos_sin
-from sspo_jax.sharding import constrain, named_sharding
+from sspo_jax.sharding import constrain, named_sharding, state_shardings
 
 REMAT_POLICIES = {
     "none": None,
@@ -67,6 +67,20 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
     # Logical names in flax's `out_sharding` metadata; placement is sspo_jax.sharding's job,
     # so no eager sharding at creation.
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def abstract_model(config: Qwen2Config, *, mesh: Mesh | None = None, **kwargs) -> "Qwen2ForCausalLM":
+    """A Qwen2ForCausalLM that holds no data: every parameter a `jax.ShapeDtypeStruct` with
+    the sharding it gets on `mesh` by its logical axes (on the first device without a mesh).
+    What a checkpoint is read into; `kwargs` go to the constructor (dtype, param_dtype, remat)."""
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, **kwargs))
+    state = nnx.state(model)
+    shardings = (state_shardings(state, mesh) if mesh is not None else
+                 jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), state,
+                              is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    nnx.update(model, jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                   state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model
 
 
 class DecoderStack(nnx.Module):
