@@ -14,7 +14,7 @@ import platform
 import jax
 import jax.numpy as jnp
 
-from sspo_jax.logprobs import token_logprobs_and_entropy
+from sspo_jax.rl.logprobs import token_logprobs_and_entropy
 
 
 def naive_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0):

@@ -13,10 +13,9 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sspo_jax import losses, segments
+from sspo_jax.rl import advantages, losses, segments
 
 
 def make_inputs(B, T, seed=0):
@@ -29,7 +28,7 @@ def make_inputs(B, T, seed=0):
     mask = np.arange(T)[None, :] < lengths[:, None]
     logp = -rng.uniform(0.01, 3.0, size=(B, T)).astype(np.float32)
     old = (logp + rng.normal(size=(B, T)) * 0.05).astype(np.float32)
-    adv = np.asarray(losses.group_advantages(rng.integers(0, 2, B).astype(np.float32), 8))
+    adv = np.asarray(advantages.group_advantages(rng.integers(0, 2, B).astype(np.float32), 8))
     entropy = rng.uniform(0.0, 3.0, size=(B, T)).astype(np.float32)
     return dict(tokens=tokens, mask=mask, logp=logp, old=old, adv=adv, entropy=entropy, ends=ends)
 

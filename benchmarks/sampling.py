@@ -1,4 +1,4 @@
-"""Sampler throughput: `sspo_jax.sampling.generate` against `transformers` `generate`, same run.
+"""Sampler throughput: `sspo_jax.generate.sampler.generate` against `transformers` `generate`, same run.
 
 Both sides get the same random Qwen2 weights (built by transformers, saved, loaded by sspo_jax),
 the same prompts (batch x prompt_len real tokens, no padding), greedy decoding, and exactly
@@ -32,7 +32,7 @@ import torch
 import transformers
 
 from sspo_jax import model as M
-from sspo_jax import sampling
+from sspo_jax.generate import sampler
 
 # Qwen2 shapes; embeddings tied as in the small Qwen2.5 models.
 SIZES = {
@@ -96,7 +96,7 @@ def run_size(size, args, jdtype, tdtype):
     key = jax.random.key(0)
 
     def ours(new=n):
-        out = sampling.generate(model, ids, mask, key, max_new_tokens=new, temperature=0.0, eos_ids=(), pad_id=0)
+        out = sampler.generate(model, ids, mask, key, max_new_tokens=new, temperature=0.0, eos_ids=(), pad_id=0)
         return jax.block_until_ready(out)
 
     t0 = time.perf_counter()

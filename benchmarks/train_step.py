@@ -18,8 +18,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 SIZES = {  # the ~5M and ~40M configs of the other benchmarks
@@ -48,13 +46,14 @@ def torch_update(hf, opt, tokens, attn, resp_mask, old, adv, eps=0.2):
 
 
 def bench_size(name, reps, peak_tflops):
-    import jax
     import jax.numpy as jnp
+    import tiny_hf
     import torch
     from flax import nnx
 
-    import tiny_hf
-    from sspo_jax import losses, model as M, policy_update as PU
+    from sspo_jax import model as M
+    from sspo_jax.rl import losses, train_batch
+    from sspo_jax.train import update as PU
 
     torch.set_num_threads(2)
     cfg = SIZES[name]
@@ -74,7 +73,7 @@ def bench_size(name, reps, peak_tflops):
     opt_state = PU.init_optimizer(opt, params)
     settings = PU.UpdateSettings(loss=losses.preset("grpo"), temperature=1.0, micro_batch_size=B,
                                  logprob_chunk=128)
-    batch = PU.PolicyBatch(
+    batch = train_batch.PolicyBatch(
         tokens=jnp.asarray(tokens.numpy(), jnp.int32), attention_mask=jnp.asarray(attn.numpy(), jnp.int32),
         response_mask=jnp.asarray(resp_mask.numpy(), jnp.int32), old_logp=jnp.asarray(old.numpy()),
         adv=jnp.asarray(adv.numpy()), seg=jnp.arange(B * R, dtype=jnp.int32).reshape(B, R),
@@ -114,12 +113,13 @@ def bench_size(name, reps, peak_tflops):
 def demo_breakdown(steps):
     import json
 
-    from sspo_jax import run_config, train
+    from sspo_jax import run_config
+    from sspo_jax.train import loop
     c = run_config.get_config()
     c.steps = steps
     c.eval.every = 0
     with tempfile.TemporaryDirectory() as d:
-        train.train_and_evaluate(c, d)
+        loop.train_and_evaluate(c, d)
         rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))][2:]  # skip step 0 and the compiling step 1
     keys = ["time/sampling_s", "time/grading_s", "time/update_s", "time/step_s"]
     return {k: statistics.mean(r[k] for r in rows) for k in keys}, len(rows)

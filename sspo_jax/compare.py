@@ -15,8 +15,8 @@ import shutil
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sspo_jax import metrics as metrics_lib
-from sspo_jax import report
+from sspo_jax.train import metrics as metrics_lib
+from sspo_jax.train import report
 
 DEFAULT_OBJECTIVES = ("grpo", "gspo", "sspo")
 CURVES = ["eval/accuracy", "reward/mean", "clip_frac_total/token", "clip_frac_total/subsentence",
@@ -49,7 +49,7 @@ def stability(rows: list[dict]) -> dict:
 
 def run_comparison(config, workdir: str, objectives=DEFAULT_OBJECTIVES) -> dict:
     """Trains each objective from the shared warm start; returns {objective: summary}."""
-    from sspo_jax import train
+    from sspo_jax.train import loop
 
     runs, summaries = {}, {}
     first_dir = None
@@ -60,7 +60,7 @@ def run_comparison(config, workdir: str, objectives=DEFAULT_OBJECTIVES) -> dict:
         if first_dir is not None and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
             seed_from_warm_start(first_dir, run_dir)
         print(f"=== {name} ===", flush=True)
-        train.train_and_evaluate(cfg, run_dir)
+        loop.train_and_evaluate(cfg, run_dir)
         first_dir = first_dir or run_dir
         runs[name] = metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.JSONL_NAME))
         summaries[name] = {**report.summarize(runs[name]), **stability(runs[name])}

@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from sspo_jax import distributed
+from sspo_jax import parallel
 
 
 def export(config, workdir: str, out_dir: str, step: int | None = None,
@@ -23,19 +23,21 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
     """Writes the checkpoint's policy (and tokenizer) to `out_dir`; returns the step exported."""
     import jax.numpy as jnp
 
-    from sspo_jax import model as model_lib, run_config, sharding
-    from sspo_jax.compile_cache import CompileCache
-    from sspo_jax.policy_bootstrap import policy_skeleton, restore_params
+    from sspo_jax import model as model_lib
+    from sspo_jax import parallel, run_config, specs
+    from sspo_jax.train.compile_cache import CompileCache
+    from sspo_jax.train.setup import policy_skeleton, restore_params
 
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     run_config.check_workdir(workdir)
-    mesh = sharding.mesh_from_config(config.mesh)
-    with CompileCache(config.compile_cache, workdir):  # the all-gathers of the weights compile
-        tokenizer, model = policy_skeleton(config, mesh)  # filled with the checkpoint's parameters only
-        step = restore_params(model, run_config.checkpoint_dir(config, workdir), step)
+    spec = specs.parse(config)
+    mesh = parallel.mesh_from_config(spec.mesh)
+    with CompileCache(spec.compile_cache, workdir):  # the all-gathers of the weights compile
+        tokenizer, model = policy_skeleton(spec.model, mesh)  # filled with the checkpoint's parameters only
+        step = restore_params(model, run_config.checkpoint_dir(spec, workdir), step)
         model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype))
-    if distributed.is_chief():
+    if parallel.is_chief():
         tokenizer.save_pretrained(out_dir)
         print(f"exported the policy of step {step} to {os.path.abspath(out_dir)}", flush=True)
     return step
@@ -44,7 +46,7 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize_from_flags()
+    parallel.initialize_from_flags()
     export(_CONFIG.value, _WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
 
 
@@ -58,5 +60,5 @@ if __name__ == "__main__":
                                required=True)
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).")
     _DTYPE = flags.DEFINE_string("dtype", None, "On-disk dtype (default: the parameter dtype).")
-    distributed.define_flags()
+    parallel.define_flags()
     app.run(main)

@@ -3,7 +3,7 @@
 Builds a random Qwen2 with transformers in a temporary directory, loads it with
 `from_pretrained`, runs a left-padded batch through both (float32 and bfloat16), decodes a few
 greedy steps with the KV cache and compares them with the full forward pass. Prints a table and
-exits with status 1 if any check fails. Needs the [test] extra (torch). About 10-30 s on a CPU.
+exits with status 1 if any check fails. Needs the [test] extra (torch).
 """
 from __future__ import annotations
 

@@ -1,26 +1,28 @@
 """The training configuration: every field with its default, and the CPU demo built on it.
 
 Config files in `configs/` start from `base_config()` and change what they need; any field can be
-overridden on the command line (`--config.optimizer.lr=1e-6`). Fields whose default is "take it
+overridden on the command line (`--config.optimizer.lr=1e-6`). `sspo_jax.specs.parse` turns a
+config into typed, validated specs. Fields whose default is "take it
 from the loss preset" are placeholders (None until set), so the preset stays the single source of
 the algorithm's defaults.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_collections
 from ml_collections import config_dict
 
-from sspo_jax import losses
+from sspo_jax.rl import losses
 
-# LossConfig fields that a config may override on top of the named preset.
-LOSS_OVERRIDES = {
-    "level": str, "eps_low": float, "eps_high": float, "entropy_lambda": float,
-    "scale_min": float, "scale_max": float, "adaptive_mode": str, "dual_clip": float,
-    "kl_beta": float, "aggregation": str, "token_sum_norm": float, "normalize_std": bool,
-    "min_subsentence_tokens": int, "decimal_guard": bool,
-}
+# LossConfig fields a config may override on top of the named preset, with their types (taken
+# from LossConfig itself, so a new loss knob is a config knob). `delimiters` is a tuple of
+# strings, which ml_collections cannot hold as a typed placeholder: the subsentence delimiters
+# are a preset choice, changed in code (losses.preset(..., delimiters=...)).
+_FIELD_TYPES = {"str": str, "float": float, "int": int, "bool": bool, "float | None": float}
+LOSS_OVERRIDES = {f.name: _FIELD_TYPES[f.type] for f in dataclasses.fields(losses.LossConfig)
+                  if f.name != "delimiters"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -89,10 +91,14 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
     ))
 
+    # Reward shaping on top of correctness (sspo_jax/rewards/shaping.py): format_weight x [exactly
+    # one \boxed{}], and DAPO's overlong penalty over the last overlong_buffer tokens of
+    # rollout.max_new_tokens (0 = off). Off by default: the reward is the correctness score.
+    c.reward = ml_collections.ConfigDict(dict(format_weight=0.0, overlong_buffer=0))
     # dir: "" = WORKDIR/checkpoints; or a URL orbax writes directly, e.g. gs://BUCKET/run (every
     # process of a multi-host run writes its shards there, and it outlives a preempted TPU VM).
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True, dir=""))
-    # Persistent XLA compilation cache (sspo_jax/compile_cache.py): dir "" = WORKDIR/compile_cache,
+    # Persistent XLA compilation cache (sspo_jax/train/compile_cache.py): dir "" = WORKDIR/compile_cache,
     # "none" = off, or a path / URL; on several hosts a directory they all read (gs://...), since
     # only process 0 writes entries. Programs compiling faster than min_compile_secs are not cached.
     c.compile_cache = ml_collections.ConfigDict(dict(dir="", min_compile_secs=1.0))
@@ -131,8 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The CPU demo: a tiny Qwen2 learns the synthetic arithmetic task, warm start then RL.
 
     `arg` picks the loss preset (`sspo` by default), as in `--config=configs/demo.py:grpo`.
-    Tuned on the 2-core CPU: the warm start reaches ~0.58 held-out accuracy, SSPO then raises it
-    to ~0.76 in 60 steps (docs/training.md has the measured runs).
+    Tuned on a 2-core CPU (docs/training.md and the README have the measured runs).
     """
     c = base_config()
     c.loss.name = arg or "sspo"
@@ -165,7 +170,7 @@ def loss_config(loss: ml_collections.ConfigDict) -> losses.LossConfig:
     return losses.preset(loss.name, **overrides)
 
 
-def checkpoint_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
+def checkpoint_dir(c, workdir: str) -> str:
     """Where the run's checkpoints live: `checkpoint.dir`, or WORKDIR/checkpoints."""
     return c.checkpoint.dir or os.path.join(workdir, "checkpoints")
 
@@ -176,62 +181,3 @@ def check_workdir(workdir: str) -> None:
     if "://" in workdir:
         raise ValueError(f"bad --workdir={workdir}: it must be a local or mounted directory; put "
                          f"checkpoints on cloud storage with --config.checkpoint.dir={workdir}")
-
-
-def validate(c: ml_collections.ConfigDict, batch_shards: int = 1) -> None:
-    """Raises ValueError naming the first bad field and the fix, before anything compiles.
-
-    batch_shards: how many ways the mesh splits the batch (data x fsdp, `sharding.batch_shards`).
-    """
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"bad config: {msg}")
-
-    need(c.steps >= 1, f"steps={c.steps} must be >= 1")
-    loss_config(c.loss)  # unknown preset names and bad loss fields raise here, with the choices
-    r, t = c.rollout, c.train
-    need(r.num_samples >= 2, f"rollout.num_samples={r.num_samples}: group advantages need >= 2 samples per prompt")
-    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step={r.prompts_per_step} must be >= 1")
-    need(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
-    need(r.sample_batch_size >= 0 and (r.sample_batch_size == 0 or
-                                        r.prompts_per_step % r.sample_batch_size == 0),
-         f"rollout.sample_batch_size={r.sample_batch_size} must divide rollout.prompts_per_step="
-         f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
-    need(r.old_logprobs in ("sampler", "recompute"),
-         f"rollout.old_logprobs={r.old_logprobs!r}: choose 'sampler' or 'recompute'")
-    rows = r.prompts_per_step * r.num_samples
-    need(t.ppo_mini_batches >= 1 and rows % t.ppo_mini_batches == 0,
-         f"the rollout batch of {rows} rows (prompts_per_step x num_samples) is not divisible "
-         f"into train.ppo_mini_batches={t.ppo_mini_batches} mini-batches")
-    mini = rows // max(t.ppo_mini_batches, 1)
-    need(t.micro_batch_size >= 1 and mini % t.micro_batch_size == 0,
-         f"a mini-batch of {mini} rows is not divisible into micro-batches of "
-         f"train.micro_batch_size={t.micro_batch_size}")
-    need(rows % batch_shards == 0 and t.micro_batch_size % batch_shards == 0,
-         f"the batch is split {batch_shards} ways by the mesh (mesh.data x mesh.fsdp), but the "
-         f"rollout batch has {rows} rows and train.micro_batch_size={t.micro_batch_size}: both "
-         f"must be multiples of {batch_shards} (or change the mesh)")
-    need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
-    need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
-    need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype={c.model.dtype!r}: float32 or bfloat16")
-    need(c.model.param_dtype in ("float32", "bfloat16"),
-         f"model.param_dtype={c.model.param_dtype!r}: float32 or bfloat16")
-    if c.model.hf_dir:
-        need(os.path.isdir(c.model.hf_dir) or c.model.hf_dir.count("/") == 1,
-             f"model.hf_dir={c.model.hf_dir!r} is not a directory (a local Hugging Face checkpoint)")
-    need(c.data.source in ("synthetic", "jsonl", "parquet", "hub"),
-         f"data.source={c.data.source!r}: choose synthetic, jsonl, parquet or hub")
-    if c.data.source in ("jsonl", "parquet"):
-        need(bool(c.data.path) and os.path.exists(c.data.path),
-             f"data.path={c.data.path!r} does not exist (data.source={c.data.source}); for "
-             f"MATH write it with python -m sspo_jax.data.prepare_math --out={c.data.path}")
-    need(c.data.long_prompts in ("drop", "truncate"),
-         f"data.long_prompts={c.data.long_prompts!r}: choose 'drop' or 'truncate'")
-    need(c.optimizer.schedule in ("constant", "cosine"),
-         f"optimizer.schedule={c.optimizer.schedule!r}: choose 'constant' or 'cosine'")
-    need(c.optimizer.lr > 0, f"optimizer.lr={c.optimizer.lr} must be > 0")
-    need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1,
-         "checkpoint.every and checkpoint.keep must be >= 1")
-    need(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 = never)")
-    need(c.compile_cache.min_compile_secs >= 0,
-         f"compile_cache.min_compile_secs={c.compile_cache.min_compile_secs} must be >= 0")

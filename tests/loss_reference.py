@@ -33,7 +33,7 @@ def subsentences(tokens, mask, ends, dot_end=None, digit_start=None, min_tokens=
     return np.array(out, dtype=np.int64)
 
 
-def advantages(rewards, group_size, normalize_std=True, eps=1e-6):
+def advantages(rewards, group_size, estimator="grpo", eps=1e-6):
     out = []
     for g in range(len(rewards) // group_size):
         r = [float(x) for x in rewards[g * group_size:(g + 1) * group_size]]
@@ -42,10 +42,12 @@ def advantages(rewards, group_size, normalize_std=True, eps=1e-6):
         for x in r:
             if max(r) == min(r):
                 out.append(0.0)
-            elif normalize_std:
+            elif estimator == "grpo":
                 out.append((x - mean) / (std + eps))
-            else:
+            elif estimator == "dr_grpo":
                 out.append(x - mean)
+            else:  # rloo: the mean of the other samples as the baseline
+                out.append(x - (sum(r) - x) / (len(r) - 1))
     return np.array(out)
 
 

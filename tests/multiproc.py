@@ -85,7 +85,7 @@ def config_with(overrides: dict, config=None):
 def restored_policy(config, workdir):
     """(step, model): the newest checkpoint of `workdir`, restored in this process (its 8
     devices) on the config's mesh."""
-    from sspo_jax import sharding
-    from sspo_jax.policy_bootstrap import policy_skeleton, restore_params
-    _, model = policy_skeleton(config, sharding.mesh_from_config(config.mesh))
+    from sspo_jax import parallel, specs
+    from sspo_jax.train.setup import policy_skeleton, restore_params
+    _, model = policy_skeleton(specs.parse(config).model, parallel.mesh_from_config(config.mesh))
     return restore_params(model, os.path.join(workdir, "checkpoints")), model

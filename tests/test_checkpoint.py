@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from sspo_jax.checkpoint import Checkpointer, PreemptionWatcher
-from sspo_jax.sharding import abstract
+from sspo_jax.parallel import abstract
+from sspo_jax.train.checkpoint import Checkpointer, PreemptionWatcher
 
 
 def _state(seed):

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_train import TINY
 
 
@@ -20,7 +19,7 @@ def test_objectives_share_the_warm_start_and_write_one_table(tmp_path):
     table = open(tmp_path / "compare.md").read()
     assert "| grpo |" in table and "| sspo |" in table
     assert open(tmp_path / "compare.png", "rb").read(4) == b"\x89PNG"
-    from sspo_jax.metrics import read_jsonl
+    from sspo_jax.train.metrics import read_jsonl
     grpo = {r["step"]: r for r in read_jsonl(tmp_path / "grpo" / "metrics.jsonl")}
     sspo = {r["step"]: r for r in read_jsonl(tmp_path / "sspo" / "metrics.jsonl")}
     assert sorted(sspo) == [0, 1, 2]

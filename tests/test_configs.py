@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from sspo_jax import losses, run_config
+from sspo_jax import run_config, specs
+from sspo_jax.rl import losses
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -24,7 +25,7 @@ def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     if c.data.source == "jsonl":
         c.data.path = str(tmp_path / "math.jsonl")
         open(c.data.path, "w").close()
-    run_config.validate(c)
+    specs.parse(c)
     cfg = run_config.loss_config(c.loss)
     # No silent per-config changes to the objective: only the demo's documented clip ranges.
     eps = run_config.DEMO_CLIP.get(preset) if name == "demo.py" else None

@@ -3,16 +3,16 @@ and a training checkpoint is what gets evaluated when there is one."""
 import json
 import os
 
-import numpy as np
+import tiny_hf
 import torch
 from flax import nnx
 
-import tiny_hf
-from sspo_jax import evaluate, run_config
-from sspo_jax.checkpoint import Checkpointer
+from sspo_jax import run_config, specs
 from sspo_jax.data.templates import render_prompt
 from sspo_jax.data.tokenizer import build_tokenizer
-from sspo_jax.policy_bootstrap import build_policy, optimizer_from_config
+from sspo_jax.train import evaluation
+from sspo_jax.train.checkpoint import Checkpointer
+from sspo_jax.train.setup import build_policy, run_optimizer
 
 
 def _config(**eval_overrides):
@@ -34,7 +34,7 @@ def test_hf_checkpoint_greedy_responses_equal_transformers_generate(tmp_path):
     tok.save_pretrained(hf_dir)
     c = _config(num_samples=3, temperature=1.0)
     c.model.hf_dir = str(hf_dir)
-    summary = evaluate.run_evaluation(c, str(tmp_path / "run"))
+    summary = evaluation.run_evaluation(c, str(tmp_path / "run"))
     assert summary["policy"] == str(hf_dir)
     out = json.load(open(tmp_path / "run" / "eval" / "synthetic.json"))
     assert out["greedy"]["problems"] == 6 and len(out["records"]) == 6
@@ -55,14 +55,14 @@ def test_hf_checkpoint_greedy_responses_equal_transformers_generate(tmp_path):
 
 def test_newest_training_checkpoint_is_evaluated(tmp_path):
     c = _config()
-    _, model = build_policy(c)
+    _, model = build_policy(specs.parse(c).model, c.seed)
     graphdef, params = nnx.split(model)
     zeros = jax_zeros(params)
     ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1)
-    opt_state = optimizer_from_config(c).init(zeros)
+    opt_state = run_optimizer(specs.parse(c).optimizer, 1).init(zeros)
     ckpt.save(7, {"params": zeros, "opt_state": opt_state}, {"data": {}}, force=True)
     ckpt.close()
-    summary = evaluate.run_evaluation(c, str(tmp_path))
+    summary = evaluation.run_evaluation(c, str(tmp_path))
     assert summary["policy"].startswith("checkpoint step 7")
     out = json.load(open(tmp_path / "eval" / "synthetic.json"))
     # An all-zero policy has uniform logits: greedy picks token 0 (<|endoftext|>, not an EOS of

@@ -11,11 +11,11 @@ import torch
 from flax import nnx
 from transformers import Qwen2ForCausalLM
 
-from sspo_jax import run_config
-from sspo_jax.checkpoint import Checkpointer
+from sspo_jax import run_config, specs
 from sspo_jax.data.tokenizer import load_tokenizer
-from sspo_jax.policy_bootstrap import build_policy, optimizer_from_config
-from sspo_jax.policy_update import init_optimizer
+from sspo_jax.train.checkpoint import Checkpointer
+from sspo_jax.train.setup import build_policy, run_optimizer
+from sspo_jax.train.update import init_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"model.tiny.hidden_size": 32, "model.tiny.intermediate_size": 64}
@@ -24,12 +24,13 @@ SMALL = {"model.tiny.hidden_size": 32, "model.tiny.intermediate_size": 64}
 def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
     c = run_config.get_config()
     c.model.tiny.hidden_size, c.model.tiny.intermediate_size = 32, 64
-    _, model = build_policy(c)
+    spec = specs.parse(c)
+    _, model = build_policy(spec.model, spec.seed)
     graphdef, params = nnx.split(model)
     # A policy unlike the seed's initialisation, so the export cannot pass by rebuilding it.
     params = jax.tree.map(lambda x: x * 1.5 + 0.01, params)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", save_every=1)
-    ckpt.save(7, {"params": params, "opt_state": init_optimizer(optimizer_from_config(c), params)},
+    ckpt.save(7, {"params": params, "opt_state": init_optimizer(run_optimizer(spec.optimizer, spec.optimizer_steps), params)},
               {"data": {}}, force=True)
     ckpt.close()
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sspo_jax.logprobs import token_logprobs_and_entropy
+from sspo_jax.rl.logprobs import token_logprobs_and_entropy
 
 B, T, H, V, TEMP = 2, 13, 8, 50, 0.7
 

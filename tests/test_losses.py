@@ -7,11 +7,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import loss_reference as ref
 import numpy as np
 import pytest
 
-import loss_reference as ref
-from sspo_jax import losses, segments
+from sspo_jax.rl import advantages, losses, segments
 
 VARIANTS = {name: losses.preset(name) for name in losses.PRESETS}
 VARIANTS.update({
@@ -139,14 +139,20 @@ def test_identity_sspo_lambda_zero_is_sspo_fixed():
 
 def test_group_advantages_matches_reference_and_zero_variance_groups():
     rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3, 0.1, 0.7, 0.2, 0.2])
-    for normalize in (True, False):
-        got = np.asarray(losses.group_advantages(rewards, 4, normalize_std=normalize))
-        np.testing.assert_allclose(got, ref.advantages(rewards, 4, normalize), atol=1e-6)
+    for estimator in ("grpo", "dr_grpo", "rloo"):
+        got = np.asarray(advantages.group_advantages(rewards, 4, estimator))
+        np.testing.assert_allclose(got, ref.advantages(rewards, 4, estimator), atol=1e-6)
         assert np.all(got[4:8] == 0.0)  # exactly zero, no NaN, for an all-equal group
+    assert sorted(advantages.ESTIMATORS) == ["dr_grpo", "grpo", "rloo"]
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        advantages.group_advantages(rewards, 4, "ppo")
+    with pytest.raises(ValueError, match="advantage='ppo'"):
+        losses.preset("grpo", advantage="ppo")
+    assert losses.preset("dr_grpo").advantage == "dr_grpo"
     with pytest.raises(ValueError, match="multiple of group_size"):
-        losses.group_advantages(rewards, 5)
+        advantages.group_advantages(rewards, 5)
     with pytest.raises(ValueError, match="group_size must be >= 2"):
-        losses.group_advantages(rewards, 1)
+        advantages.group_advantages(rewards, 1)
 
 
 def test_clip_bounds_adaptive_direction_and_range():

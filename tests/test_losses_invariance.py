@@ -7,12 +7,13 @@ percents.
 """
 import jax
 import jax.numpy as jnp
+import loss_reference as ref
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import loss_reference as ref
-from sspo_jax import losses, segments
+from sspo_jax.rl import losses, segments
 
 # dr_grpo with an explicit constant: its default divisor is the padded length T, which padding
 # changes by design.

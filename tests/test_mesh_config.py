@@ -9,8 +9,11 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from sspo_jax import distributed, model as M, sampling, sharding
+from sspo_jax import model as M
+from sspo_jax import parallel
+from sspo_jax.generate import sampler
 from sspo_jax.run_config import base_config
+from sspo_jax.train import grading
 
 
 def _mesh_cfg(**kw):
@@ -20,11 +23,11 @@ def _mesh_cfg(**kw):
 
 
 def test_mesh_from_config_sizes_and_the_rest():
-    mesh = sharding.mesh_from_config(_mesh_cfg(data=2, fsdp=-1, tensor=2))
+    mesh = parallel.mesh_from_config(_mesh_cfg(data=2, fsdp=-1, tensor=2))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert sharding.batch_shards(mesh) == 4
+    assert parallel.batch_shards(mesh) == 4
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
-    one = sharding.mesh_from_config(_mesh_cfg(devices=1))
+    one = parallel.mesh_from_config(_mesh_cfg(devices=1))
     assert dict(one.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
@@ -36,7 +39,7 @@ def test_mesh_from_config_sizes_and_the_rest():
 ])
 def test_bad_mesh_configs_name_the_fields(kw, message):
     with pytest.raises(ValueError, match=message):
-        sharding.mesh_from_config(_mesh_cfg(**kw))
+        parallel.mesh_from_config(_mesh_cfg(**kw))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +54,12 @@ class FakeDevice:
 
 def test_multi_slice_mesh_puts_the_dcn_axis_across_slices():
     devices = [FakeDevice(i, i // 4, i // 4) for i in range(8)]
-    grid = sharding.make_mesh(data=1, fsdp=-1, tensor=2, devices=devices, dcn=(2, 1, 1)).devices
+    grid = parallel.make_mesh(data=1, fsdp=-1, tensor=2, devices=devices, dcn=(2, 1, 1)).devices
     assert grid.shape == (2, 2, 2)
     # data crosses the slices; fsdp and tensor stay within one slice (fast interconnect).
     assert [{d.slice_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
     # Sizes are per slice: fsdp=2 within each of 2 slices is fsdp=4 in all, slices outermost.
-    grid = sharding.make_mesh(data=2, fsdp=2, tensor=1, devices=devices, dcn=(1, 2, 1)).devices
+    grid = parallel.make_mesh(data=2, fsdp=2, tensor=1, devices=devices, dcn=(1, 2, 1)).devices
     assert grid.shape == (2, 4, 1)
     assert [{d.slice_index for d in grid[:, j].flat} for j in range(4)] == [{0}, {0}, {1}, {1}]
 
@@ -66,10 +69,10 @@ def test_sampler_copy_is_gathered_over_fsdp_in_the_compute_dtype_and_samples_the
     cfg = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                         max_position_embeddings=64)
-    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-    model = sharding.shard_model(M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype), mesh)
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    model = parallel.shard_model(M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype), mesh)
     graphdef, params = nnx.split(model)
-    copy = sharding.sampler_params(params, nnx.state(model), mesh, dtype)
+    copy = parallel.sampler_params(params, nnx.state(model), mesh, dtype)
     train_specs = [str(x.sharding.spec) for x in jax.tree.leaves(params)]
     copy_specs = [str(x.sharding.spec) for x in jax.tree.leaves(copy)]
     assert any("fsdp" in s for s in train_specs)
@@ -82,8 +85,8 @@ def test_sampler_copy_is_gathered_over_fsdp_in_the_compute_dtype_and_samples_the
     ids = np.random.default_rng(0).integers(1, 64, (4, 6)).astype(np.int32)
     mask = np.ones_like(ids)
     kw = dict(num_samples=2, max_new_tokens=8, temperature=1.0, eos_ids=(1,), pad_id=0)
-    a = sampling.generate(nnx.merge(graphdef, params), ids, mask, jax.random.key(3), **kw)
-    b = sampling.generate(nnx.merge(graphdef, copy), ids, mask, jax.random.key(3), **kw)
+    a = sampler.generate(nnx.merge(graphdef, params), ids, mask, jax.random.key(3), **kw)
+    b = sampler.generate(nnx.merge(graphdef, copy), ids, mask, jax.random.key(3), **kw)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     # The forward casts float32 weights to the compute dtype itself, so casting them once
     # beforehand gives the same products: float32 log-probs within 1e-5.
@@ -94,7 +97,7 @@ def test_sampler_copy_is_gathered_over_fsdp_in_the_compute_dtype_and_samples_the
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         for _ in range(2):
-            sharding.sampler_params(params, nnx.state(model), mesh, dtype)
+            parallel.sampler_params(params, nnx.state(model), mesh, dtype)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
@@ -102,7 +105,7 @@ def test_sampler_copy_is_gathered_over_fsdp_in_the_compute_dtype_and_samples_the
 
 @pytest.mark.parametrize("n,count", [(10, 3), (8, 2), (3, 4), (1024, 32)])
 def test_process_blocks_cover_every_row_once(n, count):
-    blocks = [distributed.process_block(n, i, count) for i in range(count)]
+    blocks = [parallel.process_block(n, i, count) for i in range(count)]
     rows = [r for b in blocks for r in range(n)[b]]
     assert rows == list(range(n))
     sizes = [b.stop - b.start for b in blocks]
@@ -110,25 +113,25 @@ def test_process_blocks_cover_every_row_once(n, count):
 
 
 def test_one_process_grading_and_gathers_are_the_plain_ones():
-    assert distributed.allgather_blocks(np.arange(6.0), 6).tolist() == list(range(6))
-    x = jax.device_put(np.arange(8.0), sharding.named_sharding(
-        sharding.make_mesh(data=8, fsdp=1, tensor=1), ("batch",), (8,)))
-    assert distributed.to_numpy(x).tolist() == list(range(8))
+    assert parallel.allgather_blocks(np.arange(6.0), 6).tolist() == list(range(6))
+    x = jax.device_put(np.arange(8.0), parallel.named_sharding(
+        parallel.make_mesh(data=8, fsdp=1, tensor=1), ("batch",), (8,)))
+    assert parallel.to_numpy(x).tolist() == list(range(8))
 
     class Grader:
         def grade(self, texts, golds, timeout):
             from sspo_jax.rewards import GradeResult
             return [GradeResult(float(t == g), "correct" if t == g else "wrong", t) for t, g in zip(texts, golds)]
 
-    results = distributed.grade_across_hosts(Grader(), ["1", "2"], ["1", "3"], 1.0)
+    results = grading.grade_across_hosts(Grader(), ["1", "2"], ["1", "3"], 1.0)
     assert [r.score for r in results] == [1.0, 0.0]
 
 
 def test_partial_multi_process_flags_are_refused():
     with pytest.raises(ValueError, match="give all of --coordinator_address"):
-        distributed.initialize("localhost:1234", None, 0)
+        parallel.initialize("localhost:1234", None, 0)
     with pytest.raises(ValueError, match="--process_id=2 must be in"):
-        distributed.initialize("localhost:1234", 2, 2)
+        parallel.initialize("localhost:1234", 2, 2)
 
 
 def test_config_mesh_block_is_a_configdict():

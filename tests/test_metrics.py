@@ -1,13 +1,12 @@
 """metrics.jsonl, TensorBoard events, resume truncation, console line and plots."""
 import glob
-import json
 import math
 import os
 import time
 
 import numpy as np
 
-from sspo_jax import metrics as M
+from sspo_jax.train import metrics as M
 
 
 def test_jsonl_rows_and_tensorboard(tmp_path):

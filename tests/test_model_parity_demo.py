@@ -1,4 +1,4 @@
-"""`python -m sspo_jax.parity_demo`: the project's main job until the trainer exists."""
+"""`python -m sspo_jax.parity_demo`: the model against transformers on a tiny random model, as a command."""
 import numpy as np
 import pytest
 

@@ -3,12 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_hf
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-import tiny_hf
 from sspo_jax import model as M
-from sspo_jax import sharding as S
+from sspo_jax import parallel as S
 
 MESHES = {"fsdp2_tensor4": dict(data=1, fsdp=2, tensor=4), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
 
@@ -35,7 +35,7 @@ def test_logical_to_spec_follows_the_rules_table():
     assert S.logical_to_spec(("layers", "embed", "heads")) == P(None, "fsdp", "tensor")
     assert S.logical_to_spec(("batch", "seq", "vocab")) == P(("data", "fsdp"), None, "tensor")
     # A mesh axis that does not divide the dimension is dropped: odd vocab is replicated.
-    assert S.logical_to_spec(("vocab", "embed"), (131, 64), mesh) == P(None, "fsdp")
+    assert S.logical_to_spec(("vocab", "embed"), (137, 64), mesh) == P(None, "fsdp")
     assert S.logical_to_spec(("vocab", "embed"), (132, 64), mesh) == P("tensor", "fsdp")
     # data has size 1 here and always divides; batch 3 is not divisible by fsdp=2.
     assert S.logical_to_spec(("batch", "seq"), (3, 5), mesh) == P("data", None)
@@ -52,14 +52,15 @@ def test_constrain_is_a_noop_without_a_mesh():
     assert S.constrain(x, ("batch", "seq")) is x
 
 
-def test_constrain_uses_the_given_or_the_context_mesh():
+def test_constrain_uses_the_context_mesh_and_functions_find_theirs_in_their_values():
     mesh = S.make_mesh(fsdp=2, tensor=4)
     x = jnp.ones((4, 3, 8))
-    given = jax.jit(lambda a: S.constrain(a * 2, ("batch", "seq", "vocab"), mesh))(x)
-    with jax.set_mesh(mesh):
-        context = jax.jit(lambda a: S.constrain(a * 2, ("batch", "seq", "vocab")))(x)
-    for y in (given, context):
-        assert y.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("fsdp", None, "tensor")), 3)
+    with S.using_mesh(mesh):
+        y = jax.jit(lambda a: S.constrain(a * 2, ("batch", "seq", "vocab")))(x)
+    assert y.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("fsdp", None, "tensor")), 3)
+    assert S.mesh_of({"a": x, "b": [y]}) == mesh and S.mesh_of({"a": x}) is None
+    with S.using_mesh(None):  # one device: no context, constraints are no-ops
+        assert S.constrain(x, ("batch", "seq", "vocab")) is x
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,9 @@ def test_sharded_forward_equals_unsharded(ckpt, mesh_name):
     path, ids, mask = ckpt
     mesh = S.make_mesh(**MESHES[mesh_name])
     plain = np.asarray(forward(M.from_pretrained(path), ids, mask))
-    sharded = forward(M.from_pretrained(path, mesh=mesh), ids, mask)
+    model = M.from_pretrained(path, mesh=mesh)
+    with S.using_mesh(mesh):  # the activations constrained to the mesh of the weights
+        sharded = forward(model, ids, mask)
     want = S.named_sharding(mesh, ("batch", "seq", "vocab"), sharded.shape)
     assert want.spec == P(("data", "fsdp"), None, "tensor")
     assert sharded.sharding.is_equivalent_to(want, sharded.ndim)  # size-1 axes may be elided
@@ -112,14 +115,32 @@ def test_shard_model_then_cached_decode_equals_unsharded(ckpt):
     mesh = S.make_mesh(fsdp=2, tensor=4)
     plain = M.from_pretrained(path)
     moved = S.shard_model(M.from_pretrained(path), mesh)
-    assert moved.mesh is mesh and moved.layers.up_w[...].sharding.spec == P(None, "fsdp", "tensor")
+    assert S.mesh_of(nnx.state(moved)) == mesh and not hasattr(moved, "mesh")  # no mesh on the Module
+    assert moved.layers.up_w[...].sharding.spec == P(None, "fsdp", "tensor")
     outs = []
     for m in (plain, moved):
-        cache = m.init_cache(ids.shape[0], ids.shape[1] + 1)
-        _, cache = cached(m, ids, mask, cache)
-        logits, cache = cached(m, ids[:, -1:], jnp.ones_like(ids[:, -1:]), cache)
+        with S.using_mesh(S.mesh_of(nnx.state(m))):
+            cache = m.init_cache(ids.shape[0], ids.shape[1] + 1)
+            _, cache = cached(m, ids, mask, cache)
+            logits, cache = cached(m, ids[:, -1:], jnp.ones_like(ids[:, -1:]), cache)
         outs.append(np.asarray(logits))
     want = S.named_sharding(mesh, M.cache.KV_AXES, cache.k.shape)
     assert want.spec == P(None, ("data", "fsdp"), "tensor", None, None)  # [L, B, Hkv, S, Dh]
     assert cache.k.sharding.is_equivalent_to(want, cache.k.ndim)
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
+def test_rules_are_a_value_and_an_axis_that_cannot_split_is_reported(caplog):
+    rules = S.LOGICAL_RULES.replace(vocab=None)
+    assert rules["vocab"] == () and S.LOGICAL_RULES["vocab"] == ("tensor",)  # a copy, not a patch
+    assert hash(rules) != hash(S.LOGICAL_RULES) and S.SAMPLER_RULES["embed"] == ()
+    with pytest.raises(KeyError, match="unknown logical axis name"):
+        S.LOGICAL_RULES.replace(hidden="fsdp")
+    mesh = S.make_mesh(fsdp=2, tensor=4)
+    assert S.logical_to_spec(("vocab", "embed"), (132, 64), mesh, rules) == P(None, "fsdp")
+    with caplog.at_level("WARNING", logger="sspo_jax.parallel.rules"):
+        assert S.logical_to_spec(("vocab", "embed"), (9973, 64), mesh) == P(None, "fsdp")
+        S.logical_to_spec(("vocab", "embed"), (9973, 64), mesh)  # said once, not per call
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["sharding: vocab of size 9973 does not split over mesh axis tensor (4 devices): "
+                    "replicated over it"]

@@ -1,5 +1,5 @@
 """The memory plan and cost model (sspo_jax.plan): counts against real models and hand
-computations, sharding against sharding.logical_to_spec, the CLI end to end."""
+computations, sharding against parallel.logical_to_spec, the CLI end to end."""
 import functools
 import math
 import os
@@ -12,8 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from sspo_jax import model as M, plan, policy_update, sharding
+from sspo_jax import model as M
+from sspo_jax import parallel, plan
+from sspo_jax.plan import costs as plan_costs
 from sspo_jax.run_config import base_config
+from sspo_jax.train import update
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
@@ -56,7 +59,7 @@ def test_known_hub_models_have_their_published_sizes():
 ])
 def test_shard_divisor_follows_the_trainers_rules(names, shape, sizes):
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    spec = sharding.logical_to_spec(names, shape, mesh)
+    spec = parallel.logical_to_spec(names, shape, mesh)
     used = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
     assert plan.shard_divisor(names, shape, sizes) == math.prod(sizes[a] for a in used)
 
@@ -226,13 +229,14 @@ def test_saved_residuals_per_layer_are_what_jax_saves(remat):
     4 layers minus those of 3 (JAX keeps the broadcast mask's float32 fill once from 3 layers
     on, whatever their number)."""
     from jax._src.ad_checkpoint import saved_residuals
+
     from sspo_jax.model.layers import decoder_layer
     from sspo_jax.model.qwen2 import REMAT_POLICIES, layer_param_specs
     b, t = 2, 96
     cfg = tiny(hidden_size=128, intermediate_size=320, num_attention_heads=4,
                num_key_value_heads=2, head_dim=32)
     layer = functools.partial(decoder_layer, num_heads=4, num_kv_heads=2, head_dim=32,
-                              eps=1e-6, dtype=jnp.bfloat16, mesh=None)
+                              eps=1e-6, dtype=jnp.bfloat16)
     shape = jax.ShapeDtypeStruct
 
     def residual_bytes(layers):
@@ -270,7 +274,7 @@ def test_activation_estimate_brackets_xla_cpu_temporaries(remat):
 
     def loss(params, tokens):
         m = nnx.merge(graphdef, params)
-        logp, _ = policy_update.response_logprobs(m, tokens, jnp.ones_like(tokens), t - r, 1.0, 128)
+        logp, _ = update.response_logprobs(m, tokens, jnp.ones_like(tokens), t - r, 1.0, 128)
         return logp.sum()
 
     lowered = jax.jit(jax.grad(loss)).lower(params, jax.ShapeDtypeStruct((b, t), jnp.int32))
@@ -289,20 +293,20 @@ def test_sampler_estimate_brackets_xla_cpu_temporaries(monkeypatch, prompts, pro
     compute, 8 samples per prompt), compiled as it runs off CPU (the layers scanned, the KV cache
     a scan carry; on CPU the sampler unrolls the layers over per-layer weight copies instead), is
     within 0.8x-1.3x of the plan's larger sampler phase."""
-    from sspo_jax import sampling
+    from sspo_jax.generate import sampler
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the TPU code path, on CPU
     cfg = tiny(vocab_size=1000, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: M.Qwen2ForCausalLM(
         cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)))
-    scfg = sampling.make_config(cfg.vocab_size, max_new_tokens=new_tokens, num_samples=8, pad_id=0,
+    scfg = sampler.make_config(cfg.vocab_size, max_new_tokens=new_tokens, num_samples=8, pad_id=0,
                                 eos_ids=(1,))
     ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
-    compiled = sampling._generate_jit.lower(graphdef, scfg, params, ids, ids, jax.random.key(0)).compile(
+    compiled = sampler._generate_jit.lower(graphdef, scfg, params, ids, ids, jax.random.key(0)).compile(
         compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
     xla = compiled.memory_analysis().temp_size_in_bytes
     model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32")
-    items = plan._sampler_items(model, "sampling", prompts, 8, prompt_len, new_tokens, False, "x")
+    items = plan_costs._sampler_items(model, "sampling", prompts, 8, prompt_len, new_tokens, False, "x")
     ours = max(sum(i.bytes for i in items if i.phase == phase)
                for phase in ("sampling: prefill", "sampling: decode"))
     assert 0.8 < xla / ours < 1.3, (xla, ours)

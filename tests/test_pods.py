@@ -17,16 +17,16 @@ import signal
 import time
 
 import jax
+import multiproc as mp
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
-
-import multiproc as mp
-from sspo_jax import run_config, sharding
-from sspo_jax.data.tokenizer import build_tokenizer
 from tiny_hf import make_qwen2
+
+from sspo_jax import parallel, run_config, specs
+from sspo_jax.data.tokenizer import build_tokenizer
 
 # A short demo run of the HF model on the pod mesh. A warm start of 3 steps exercises the
 # supervised step on the process-spanning weights too. The compilation cache keeps even these
@@ -152,16 +152,18 @@ def test_evaluation_and_export_restore_the_parameters_only(hf_dir, tmp_path, mon
     """A checkpoint holding parameters and Adam moments (3x the parameters) on a 1 x 4 x 2 mesh:
     what `sspo_jax.export` has alive right after its restore is the parameters, shard for shard,
     and the restore neither loads the HF weights nor builds an optimizer state."""
-    from sspo_jax import export, policy_bootstrap, policy_update
-    from sspo_jax.checkpoint import Checkpointer
+    from sspo_jax import export
+    from sspo_jax.train import setup, update
+    from sspo_jax.train.checkpoint import Checkpointer
     c = run_config.get_config()
     c.model.hf_dir = hf_dir
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
-    mesh = sharding.mesh_from_config(c.mesh)
-    _, model = policy_bootstrap.build_policy(c, mesh)
+    mesh = parallel.mesh_from_config(c.mesh)
+    spec = specs.parse(c)
+    _, model = setup.build_policy(spec.model, spec.seed, mesh)
     _, params = nnx.split(model)
     params = jax.tree.map(lambda x: x * 1.5, params)
-    opt_state = policy_update.init_optimizer(policy_bootstrap.optimizer_from_config(c), params)
+    opt_state = update.init_optimizer(setup.run_optimizer(spec.optimizer, spec.optimizer_steps), params)
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", save_every=1)
     ckpt.save(5, {"params": params, "opt_state": opt_state}, {"data": {}}, force=True)
     ckpt.close()
@@ -169,7 +171,7 @@ def test_evaluation_and_export_restore_the_parameters_only(hf_dir, tmp_path, mon
     del model, params, opt_state
 
     seen = {}
-    real_restore = policy_bootstrap.restore_params
+    real_restore = setup.restore_params
 
     def measured_restore(model, *args, **kwargs):
         before = {id(a) for a in jax.live_arrays()}
@@ -184,13 +186,13 @@ def test_evaluation_and_export_restore_the_parameters_only(hf_dir, tmp_path, mon
         seen.setdefault("items", []).append(sorted(abstract_items))
         return real_read(self, abstract_items, step)
 
-    monkeypatch.setattr(policy_bootstrap, "restore_params", measured_restore)
+    monkeypatch.setattr(setup, "restore_params", measured_restore)
     monkeypatch.setattr(Checkpointer, "restore", recorded_read)
     fail = lambda what: lambda *a, **k: pytest.fail(what)  # noqa: E731
-    monkeypatch.setattr(policy_bootstrap, "build_policy", fail("loaded the HF weights"))
+    monkeypatch.setattr(setup, "build_policy", fail("loaded the HF weights"))
     for name in ("init_optimizer", "optimizer_state_shardings"):
-        monkeypatch.setattr(policy_update, name, fail("built an optimizer state"))
-    monkeypatch.setattr(policy_bootstrap, "abstract_opt_state", fail("built an optimizer state"))
+        monkeypatch.setattr(update, name, fail("built an optimizer state"))
+    monkeypatch.setattr(setup, "abstract_opt_state", fail("built an optimizer state"))
     assert export.export(c, str(tmp_path / "run"), str(tmp_path / "hf_out")) == 5
     assert seen["items"] == [["params"]]  # the optimizer state was not even read
     assert sum(a.size for a in seen["new"]) == sum(a.size for a in seen["params"])

@@ -1,18 +1,19 @@
 """The policy update: gradients against PyTorch autograd on the same weights, micro-batch
 invariance, and the non-finite skip."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_hf
 import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-import tiny_hf
-from sspo_jax import losses, model as M, policy_update as PU
+from sspo_jax import model as M
+from sspo_jax.rl import losses, train_batch
+from sspo_jax.train import update as PU
 
 P, R, B = 6, 8, 8
 
@@ -57,7 +58,7 @@ def _torch_grpo_grads(hf, tokens, attn, resp_mask, old, adv, eps, temperature):
 
 def _jax_batch(tokens, attn, resp_mask, old, adv, eps):
     seg = (jnp.arange(B * R, dtype=jnp.int32).reshape(B, R))  # token level: one unit per token
-    return PU.PolicyBatch(tokens=jnp.asarray(tokens.numpy(), jnp.int32),
+    return train_batch.PolicyBatch(tokens=jnp.asarray(tokens.numpy(), jnp.int32),
                           attention_mask=jnp.asarray(attn.numpy(), jnp.int32),
                           response_mask=jnp.asarray(resp_mask.numpy(), jnp.int32),
                           old_logp=jnp.asarray(old.numpy(), jnp.float32), adv=jnp.asarray(adv.numpy()),
@@ -160,7 +161,7 @@ def test_optimizer_schedules():
 def test_rows_sliced_from_a_batch_keep_their_subsentences(tmp_path):
     """Mini-batches are row slices of the rollout batch: their segment ids must be rebased, or
     segment_sum (num_segments = slice rows x T) would silently drop the later rows' segments."""
-    from sspo_jax import segments
+    from sspo_jax.rl import segments
     hf = tiny_hf.make_qwen2(tmp_path / "hf", seed=5)
     tokens, attn, resp_mask, old, adv = _batch(hf, tiny_hf.BASE["vocab_size"], seed=5)
     full = _jax_batch(tokens, attn, resp_mask, old, adv, 0.2)
@@ -189,8 +190,8 @@ def test_one_compilation_for_repeated_updates(tmp_path):
     opt_state = PU.init_optimizer(opt, params)
     settings = PU.UpdateSettings(loss=losses.preset("grpo"), temperature=1.0, micro_batch_size=4,
                                  logprob_chunk=8)
-    before = PU.update_step._cache_size()
+    before = PU._update_step._cache_size()
     for _ in range(3):
         params, opt_state, *_ = PU.update_step(params, opt_state, batch, graphdef=graphdef,
                                                optimizer=opt, settings=settings)
-    assert PU.update_step._cache_size() == before + 1
+    assert PU._update_step._cache_size() == before + 1

@@ -9,6 +9,7 @@ from sspo_jax.rewards import (
     GradeResult,
     answers_equivalent,
     combine_rewards,
+    shaped_rewards,
     comparison_key,
     extract_answer,
     format_reward,
@@ -129,6 +130,19 @@ def test_overlong_penalty_matches_dapo_formula():
         overlong_penalty(-1, 100, 20)
     assert combine_rewards(1.0, format_score=1.0, format_weight=0.1, overlong=-0.5) == pytest.approx(0.6)
     assert combine_rewards(0.0) == 0.0
+
+
+def test_shaped_rewards_add_the_enabled_terms_only():
+    correct, texts, lengths = [1.0, 0.0, 1.0], ["\\boxed{3}", "no box", "\\boxed{1} \\boxed{2}"], [10, 95, 100]
+    # Both off: the correctness itself.
+    assert shaped_rewards(correct, texts, lengths, max_length=100) == correct
+    # format 0.5 x [exactly one box]; overlong over the last 20 of 100 tokens.
+    got = shaped_rewards(correct, texts, lengths, max_length=100, format_weight=0.5, overlong_buffer=20)
+    assert got == pytest.approx([1.0 + 0.5, 0.0 - 0.75, 1.0 - 1.0])
+    assert shaped_rewards(correct, texts, lengths, max_length=100, overlong_buffer=20) == pytest.approx(
+        [1.0, -0.75, 0.0])
+    with pytest.raises(ValueError):
+        shaped_rewards(correct, texts, lengths[:2], max_length=100)
 
 
 def test_rewards_imports_no_jax():

@@ -3,13 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_hf
 import torch
 from flax import nnx
 
-import tiny_hf
 from sspo_jax import model as M
-from sspo_jax import sampling
-from sspo_jax.logprobs import token_logprobs_and_entropy
+from sspo_jax.generate import sampler
+from sspo_jax.rl.logprobs import token_logprobs_and_entropy
 
 VOCAB = tiny_hf.BASE["vocab_size"]
 LENGTHS = [5, 9, 3, 12]  # left padded to 12 in one batch
@@ -69,14 +69,14 @@ def greedy_eos(models, batch):
 
 def greedy(m, batch, eos, n):
     ids, mask = batch
-    return sampling.generate(m, ids.numpy(), mask.numpy(), jax.random.key(0), num_samples=n,
+    return sampler.generate(m, ids.numpy(), mask.numpy(), jax.random.key(0), num_samples=n,
                              max_new_tokens=N_GREEDY, temperature=0.0, eos_ids=eos, pad_id=PAD)
 
 
 @pytest.fixture(scope="module")
 def sampled(models, batch):
     ids, mask = batch
-    return sampling.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED)
+    return sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED)
 
 
 def test_greedy_equals_transformers_generate_with_eos_and_left_padding(models, batch, greedy_eos):
@@ -133,7 +133,7 @@ def test_logprobs_equal_full_forward_recomputation(models, batch, greedy_eos, sa
 
 
 def test_sampled_logprobs_equal_the_trainers_chunked_recomputation(models, batch, sampled):
-    """Old-policy logprobs can come from the sampler: sspo_jax.logprobs gives the same within 1e-5."""
+    """Old-policy logprobs can come from the sampler: sspo_jax.rl.logprobs gives the same within 1e-5."""
     _, m = models
     ids, mask = batch
     n = SAMPLED["num_samples"]
@@ -175,8 +175,8 @@ def test_sampled_tokens_lie_in_the_top_k_top_p_set(models, batch, sampled):
 
 def test_same_seed_same_output_different_seed_differs(models, batch, sampled):
     ids, mask = batch
-    again = sampling.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED)
-    other = sampling.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(4), **SAMPLED)
+    again = sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED)
+    other = sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(4), **SAMPLED)
     for x, y in zip(sampled, again):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert (np.asarray(sampled.tokens) != np.asarray(other.tokens)).any()
@@ -192,7 +192,7 @@ def test_prompts_of_one_bucket_compile_once(models, greedy_eos):
     def run(lengths, total):
         ids, mask = tiny_hf.left_padded_batch(lengths, VOCAB, total, seed=2)
         greedy(m, (ids, mask), greedy_eos, 1)
-        return sampling.compile_count()
+        return sampler.compile_count()
 
     first = run([4, 7, 1, 2], 7)  # compiles unless an earlier test already ran this program
     assert run([11, 2, 3, 3], 14) == first
@@ -207,10 +207,10 @@ def test_scanned_decode_path_of_gpus_and_tpus_gives_the_same_output(models, batc
     _, model = models
     ids, mask = batch
     kwargs = dict(num_samples=2, max_new_tokens=11, temperature=0.8, top_p=0.9, eos_ids=())
-    cpu = sampling.generate(model, ids, mask, jax.random.key(3), pad_id=0, **kwargs)
-    monkeypatch.setattr(sampling.jax, "default_backend", lambda: "gpu")
-    count = sampling.compile_count()
-    other = sampling.generate(model, ids, mask, jax.random.key(3), pad_id=1, **kwargs)
-    assert sampling.compile_count() == count + 1
+    cpu = sampler.generate(model, ids, mask, jax.random.key(3), pad_id=0, **kwargs)
+    monkeypatch.setattr(sampler.jax, "default_backend", lambda: "gpu")
+    count = sampler.compile_count()
+    other = sampler.generate(model, ids, mask, jax.random.key(3), pad_id=1, **kwargs)
+    assert sampler.compile_count() == count + 1
     np.testing.assert_array_equal(np.asarray(other.tokens), np.asarray(cpu.tokens))
     np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(cpu.logprobs), atol=1e-5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sspo_jax import sampling_filters as F
+from sspo_jax.generate import filters as F
 
 sample_step = jax.jit(F.sample_step, static_argnames=("temperature", "top_k", "top_p"))
 

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from sspo_jax import model as M
-from sspo_jax import sampling
+from sspo_jax.generate import sampler
 
 CFG = M.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, max_position_embeddings=40)
@@ -54,10 +54,10 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
 def test_bad_settings_raise_before_compiling(model, override, message):
     ids, mask = prompts([3, 6])
-    before = sampling.compile_count()
+    before = sampler.compile_count()
     with pytest.raises(ValueError, match=message):
-        sampling.generate(model, ids, mask, jax.random.key(0), **{**GOOD, **override})
-    assert sampling.compile_count() == before
+        sampler.generate(model, ids, mask, jax.random.key(0), **{**GOOD, **override})
+    assert sampler.compile_count() == before
 
 
 @pytest.mark.parametrize("ids_mask,message", [
@@ -69,19 +69,19 @@ def test_bad_settings_raise_before_compiling(model, override, message):
     (prompts([39]), "prompt of 39 tokens"),  # the prompt alone nearly fills the positions
 ], ids=["empty_prompt", "empty_batch", "right_padded", "shape_mismatch", "token_out_of_vocab", "prompt_too_long"])
 def test_bad_prompts_raise_before_compiling(model, ids_mask, message):
-    before = sampling.compile_count()
+    before = sampler.compile_count()
     with pytest.raises(ValueError, match=message):
-        sampling.generate(model, *ids_mask, jax.random.key(0), **GOOD)
-    assert sampling.compile_count() == before
+        sampler.generate(model, *ids_mask, jax.random.key(0), **GOOD)
+    assert sampler.compile_count() == before
 
 
 def test_out_of_vocab_ids_under_the_padding_are_ignored(model):
     """Pad positions may hold anything (e.g. -100 or a tokenizer pad beyond the vocab)."""
     ids, mask = prompts([2, 4])
     kw = {**GOOD, "max_new_tokens": 2}
-    clean = sampling.generate(model, ids, mask, jax.random.key(0), **kw)
+    clean = sampler.generate(model, ids, mask, jax.random.key(0), **kw)
     ids[0, :2] = -100
-    dirty = sampling.generate(model, ids, mask, jax.random.key(0), **kw)
+    dirty = sampler.generate(model, ids, mask, jax.random.key(0), **kw)
     for a, b in zip(clean, dirty):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -90,21 +90,21 @@ def test_new_weights_reuse_the_compiled_program(model):
     """Parameters are arguments of the program, not constants: a policy update does not recompile."""
     ids, mask = prompts([2, 4])
     kw = {**GOOD, "max_new_tokens": 2}
-    first = sampling.generate(model, ids, mask, jax.random.key(0), **kw)
-    count = sampling.compile_count()
-    second = sampling.generate(random_model(1), ids, mask, jax.random.key(0), **kw)
-    assert sampling.compile_count() == count
+    first = sampler.generate(model, ids, mask, jax.random.key(0), **kw)
+    count = sampler.compile_count()
+    second = sampler.generate(random_model(1), ids, mask, jax.random.key(0), **kw)
+    assert sampler.compile_count() == count
     assert not np.allclose(np.asarray(first.logprobs), np.asarray(second.logprobs))
 
 
 @pytest.mark.parametrize("n,bucket", [(1, 16), (16, 16), (17, 32), (100, 128), (512, 512), (513, 1024),
                                       (1025, 1536), (3000, 3072)])
 def test_bucket_length(n, bucket):
-    assert sampling.bucket_length(n) == bucket
+    assert sampler.bucket_length(n) == bucket
 
 
 def test_make_config_canonicalises_top_k():
     kw = dict(max_new_tokens=3, pad_id=0, eos_ids=[1, 2])
-    assert sampling.make_config(50, top_k=50, **kw) == sampling.make_config(50, top_k=0, **kw)
-    assert sampling.make_config(50, top_k=7, **kw).top_k == 7
-    assert sampling.make_config(50, top_k=0, **kw).eos_ids == (1, 2)
+    assert sampler.make_config(50, top_k=50, **kw) == sampler.make_config(50, top_k=0, **kw)
+    assert sampler.make_config(50, top_k=7, **kw).top_k == 7
+    assert sampler.make_config(50, top_k=0, **kw).eos_ids == (1, 2)

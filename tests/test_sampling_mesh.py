@@ -2,11 +2,11 @@
 import jax
 import numpy as np
 import pytest
-
 import tiny_hf
+
 from sspo_jax import model as M
-from sspo_jax import sampling
-from sspo_jax.sharding import make_mesh
+from sspo_jax.generate import sampler
+from sspo_jax.parallel import make_mesh
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def test_sharded_sampling_equals_unsharded(models):
     assert len(sharded.lm_head[...].sharding.device_set) == 8  # the weights really are spread out
     ids, mask = tiny_hf.left_padded_batch([6, 2, 9, 4], tiny_hf.BASE["vocab_size"], seed=5)
     kw = dict(num_samples=2, max_new_tokens=8, temperature=1.0, top_p=0.9, eos_ids=(5, 6), pad_id=0)
-    ref = sampling.generate(plain, ids.numpy(), mask.numpy(), jax.random.key(9), **kw)
-    out = sampling.generate(sharded, ids.numpy(), mask.numpy(), jax.random.key(9), **kw)
+    ref = sampler.generate(plain, ids.numpy(), mask.numpy(), jax.random.key(9), **kw)
+    out = sampler.generate(sharded, ids.numpy(), mask.numpy(), jax.random.key(9), **kw)
     # Rows (4 prompts x 2 samples) are split over the data x fsdp = 4 batch shards.
     assert out.tokens.sharding.shard_shape(out.tokens.shape)[0] == 2
     for name in ("tokens", "mask", "lengths", "truncated"):

@@ -1,12 +1,12 @@
 """Subsentence tables and segment ids, against a plain string splitter and a loop reference."""
 import jax
+import loss_reference as ref
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-import loss_reference as ref
-from sspo_jax import segments
+from sspo_jax.rl import segments
 
 SAMPLES = [
     "First, compute 3.14 times 2. Then add 5; the result is 11.28!",

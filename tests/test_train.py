@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from sspo_jax import metrics as metrics_lib
-from sspo_jax import run_config, train
+from sspo_jax import run_config, specs
+from sspo_jax.train import loop
+from sspo_jax.train import metrics as metrics_lib
 
 # A very small demo: enough to exercise every stage, a few seconds per step on 2 cores.
 TINY = {
@@ -87,7 +88,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_nan_step_is_skipped_and_the_run_goes_on(tmp_path):
-    rows = train.train_and_evaluate(tiny_config(**{"debug.inject_nan_step": 2, "steps": 3,
+    rows = loop.train_and_evaluate(tiny_config(**{"debug.inject_nan_step": 2, "steps": 3,
                                                    "eval.every": 0}), str(tmp_path))
     by_step = {r["step"]: r for r in rows}
     assert by_step[2]["skipped_updates"] >= 1 and by_step[2]["bad_steps_total"] == 1
@@ -113,13 +114,13 @@ def test_nan_step_is_skipped_and_the_run_goes_on(tmp_path):
 ])
 def test_bad_config_fails_before_anything_compiles(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+        loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
 @pytest.mark.slow
 def test_kl_to_the_starting_policy_and_recomputed_old_logprobs(tmp_path):
-    rows = train.train_and_evaluate(
+    rows = loop.train_and_evaluate(
         tiny_config(**{"loss.kl_beta": 0.1, "rollout.old_logprobs": "recompute", "steps": 2,
                        "eval.every": 0}), str(tmp_path))
     for row in rows[1:]:
@@ -133,7 +134,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_a_message(tmp_path):
     config = tiny_config(**{"debug.inject_nan_step": 1, "train.max_bad_steps": 1, "steps": 3,
                             "eval.every": 0, "warm_start.steps": 0})
     with pytest.raises(RuntimeError, match=r"1 steps in a row had non-finite losses"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
     assert rows[-1]["step"] == 1 and rows[-1]["skipped_updates"] >= 1
 
@@ -151,7 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     last = max(r["step"] for r in metrics_lib.read_jsonl(jsonl))
     assert 1 <= last < 50
     assert "SIGTERM: saved the checkpoint of step" in err
-    from sspo_jax.checkpoint import Checkpointer
+    from sspo_jax.train.checkpoint import Checkpointer
     assert Checkpointer(tmp_path / "checkpoints", save_every=1).latest_step() == last
 
 
@@ -163,7 +164,8 @@ def test_sampling_in_passes_gives_the_rows_of_one_call():
     import numpy as np
     from flax import nnx
 
-    from sspo_jax import model as M, sampling
+    from sspo_jax import model as M
+    from sspo_jax.generate import sampler
     cfg = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                         max_position_embeddings=64)
@@ -174,10 +176,10 @@ def test_sampling_in_passes_gives_the_rows_of_one_call():
     mask = (np.arange(8)[None] >= 8 - np.array(lengths)[:, None]).astype(np.int32)
     batch = {"prompt_ids": ids, "prompt_mask": mask}
     settings = dict(num_samples=2, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0)
-    one = train._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=0, **settings), (1,), 0)
-    two = train._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=2, **settings), (1,), 0)
-    assert isinstance(two, sampling.GenerateOutput) and two.tokens.shape == (8, 6)
+    one = loop._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=0, **settings), (1,), 0)
+    two = loop._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=2, **settings), (1,), 0)
+    assert isinstance(two, sampler.GenerateOutput) and two.tokens.shape == (8, 6)
     np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens))
     np.testing.assert_allclose(np.asarray(two.logprobs), np.asarray(one.logprobs), atol=1e-5)
     with pytest.raises(ValueError, match="rollout.sample_batch_size=3 must divide"):
-        run_config.validate(tiny_config(**{"rollout.sample_batch_size": 3}))
+        specs.parse(tiny_config(**{"rollout.sample_batch_size": 3}))

@@ -10,12 +10,15 @@ import os
 
 import jax
 import jax.numpy as jnp
+import multiproc as mp
 import numpy as np
 import pytest
 from flax import nnx
 
-import multiproc as mp
-from sspo_jax import losses, model as M, policy_update as PU, sharding
+from sspo_jax import model as M
+from sspo_jax import parallel
+from sspo_jax.rl import losses, train_batch
+from sspo_jax.train import update as PU
 
 B, P, R = 16, 8, 12
 TINY = M.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -32,7 +35,7 @@ def _policy_batch(seed=0):
                            np.arange(R)[None] < resp_len[:, None]], 1).astype(np.int32)
     resp_mask = attn[:, P:]
     seg = (np.arange(B)[:, None] * R + np.arange(R)[None] // 3).astype(np.int32)  # 3-token units
-    return PU.PolicyBatch(
+    return train_batch.PolicyBatch(
         tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attn),
         response_mask=jnp.asarray(resp_mask),
         old_logp=jnp.asarray(-4.6 + 0.3 * rng.standard_normal((B, R)), jnp.float32) * resp_mask,
@@ -44,7 +47,7 @@ def _policy_batch(seed=0):
 def _one_step(mesh):
     model = M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(3))
     if mesh is not None:
-        sharding.shard_model(model, mesh)
+        parallel.shard_model(model, mesh)
     graphdef, params = nnx.split(model)
     opt = PU.make_optimizer(1e-3, weight_decay=0.01)
     opt_state = PU.init_optimizer(opt, params)
@@ -57,7 +60,7 @@ def _one_step(mesh):
 
 
 def test_one_step_on_a_2x2x2_mesh_equals_one_device():
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     p1, s1, m1, g1 = _one_step(None)
     p8, s8, m8, g8 = _one_step(mesh)
     # The mesh run really is sharded: FSDP over the embed axis, tensor over heads / mlp.
@@ -92,7 +95,7 @@ def test_one_step_on_a_2x2x2_mesh_equals_one_device():
         diffs.append(diff.ravel())
     assert np.median(np.concatenate(diffs)) < 1e-8
     # Parameters and Adam moments stay where they were placed (no silent replication).
-    params_in = nnx.split(sharding.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(3)), mesh))[1]
+    params_in = nnx.split(parallel.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(3)), mesh))[1]
     for before, after in zip(jax.tree.leaves(params_in), jax.tree.leaves(p8)):
         assert after.sharding.is_equivalent_to(before.sharding, after.ndim)
     mu = s8[1][0].mu  # adamw's ScaleByAdamState after the global-norm clip
@@ -105,9 +108,9 @@ def test_adam_moments_start_sharded_like_the_parameters_and_resume_into_that_lay
     they would land on one device and be replicated (every device holding all the float32
     moments). init_optimizer shards each like its parameter, and the abstract state a resumed
     run restores into has exactly init_optimizer's layout (so the update compiles once)."""
-    from sspo_jax.policy_bootstrap import abstract_opt_state
-    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-    _, params = nnx.split(sharding.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(3)), mesh))
+    from sspo_jax.train.setup import abstract_opt_state
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    _, params = nnx.split(parallel.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(3)), mesh))
     opt = PU.make_optimizer(1e-3, weight_decay=0.01)
     state = PU.init_optimizer(opt, params)
     adam = state[1][0]
@@ -117,7 +120,7 @@ def test_adam_moments_start_sharded_like_the_parameters_and_resume_into_that_lay
     assert any("fsdp" in str(m.sharding.spec) for m in jax.tree.leaves(adam.mu))
     counts = [x for x in jax.tree.leaves(state) if x.ndim == 0]
     assert counts and all(c.sharding.is_fully_replicated and c.sharding.mesh == mesh for c in counts)
-    abstract = abstract_opt_state(opt, sharding.abstract(params))
+    abstract = abstract_opt_state(opt, parallel.abstract(params))
     assert jax.tree.structure(abstract) == jax.tree.structure(state)
     for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
         assert (a.shape, a.dtype) == (x.shape, x.dtype) and a.sharding.is_equivalent_to(x.sharding, x.ndim)
@@ -187,7 +190,7 @@ def test_recomputed_logprobs_go_micro_batch_by_micro_batch_with_the_same_result(
     np.testing.assert_allclose(np.asarray(whole), np.asarray(logp * batch.response_mask), atol=1e-6)
     micro = PU.batch_logprobs(params, batch, graphdef=graphdef, settings=settings(4))
     np.testing.assert_allclose(np.asarray(micro), np.asarray(whole), atol=1e-6)
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    graphdef8, params8 = nnx.split(sharding.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(5)), mesh))
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    graphdef8, params8 = nnx.split(parallel.shard_model(M.Qwen2ForCausalLM(TINY, rngs=nnx.Rngs(5)), mesh))
     sharded = PU.batch_logprobs(params8, batch, graphdef=graphdef8, settings=settings(8))
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(whole), atol=1e-5)

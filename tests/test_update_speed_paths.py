@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_hf
 from flax import nnx
 
-import tiny_hf
-from sspo_jax import logprobs, losses, model as M, policy_update as PU
-from sspo_jax.model.layers import (apply_rope, apply_rope_no_concat, attention, causal_block_attention,
-                                   rope_cos_sin)
+from sspo_jax import model as M
+from sspo_jax.model.layers import (apply_rope, apply_rope_no_concat, attention,
+                                   causal_block_attention, rope_cos_sin)
+from sspo_jax.rl import logprobs, losses, train_batch
+from sspo_jax.train import update as PU
 
 P, R = 6, 8
 
@@ -58,7 +60,7 @@ def case(request, tmp_path_factory):
 def _policy_batch(tokens, attn):
     b = tokens.shape[0]
     rng = np.random.default_rng(1)
-    return PU.PolicyBatch(
+    return train_batch.PolicyBatch(
         tokens=tokens, attention_mask=attn, response_mask=attn[:, P:],
         old_logp=jnp.asarray(-rng.random((b, R)) * 5, jnp.float32),
         adv=jnp.asarray([1.0, -0.5, 2.0, -1.5], jnp.float32),

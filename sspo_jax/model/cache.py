@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-# Logical axes of the cache arrays, for sharding (see sspo_jax.sharding.LOGICAL_RULES).
+# Logical axes of the cache arrays, for sharding (see sspo_jax.parallel.LOGICAL_RULES).
 KV_AXES = ("layers", "batch", "kv_heads", "kv_seq", "head_dim")
 MASK_AXES = ("batch", "kv_seq")
 

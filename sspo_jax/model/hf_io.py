@@ -78,7 +78,7 @@ def from_pretrained(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, param_d
     """Loads a HF Qwen2 checkpoint directory into a Qwen2ForCausalLM.
 
     dtype: compute dtype; param_dtype: parameter dtype (None: same as dtype); with a mesh, every
-    parameter is created directly in its NamedSharding (logical axes by sspo_jax.sharding).
+    parameter is created directly in its NamedSharding (logical axes by sspo_jax.parallel).
     Names and shapes are checked against the config before anything is read.
     """
     hf_dir = os.fspath(hf_dir)
@@ -151,7 +151,7 @@ def save_pretrained(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, dtype: 
     With several JAX processes every process must call it (each tensor is all-gathered); process
     0 writes the files.
     """
-    from sspo_jax.distributed import to_numpy
+    from sspo_jax.parallel import to_numpy
     out_dir = os.fspath(out_dir)
     tensors: dict[str, np.ndarray] = {}
     for var, names, transpose, stacked in _weight_plan(model):

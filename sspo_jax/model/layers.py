@@ -8,9 +8,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
-from sspo_jax.sharding import constrain
+from sspo_jax.parallel import constrain
 
 # Finite, so a query row with no visible key (a left-pad position) softmaxes to uniform, not NaN.
 MASK_VALUE = -1e30
@@ -95,8 +94,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> j
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
     # Batch dims leading in the output too: XLA CPU then runs this dot in its YNNPACK fusion;
-    # with the "btkgd" output it fell back to a generic batched dot (measured ~0.5 ms per layer
-    # per decode step on the 5m benchmark config). The transpose is of the small result.
+    # with the "btkgd" output it fell back to a slower generic batched dot (BENCHMARKS.md). The
+    # transpose is of the small result.
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
 
@@ -138,7 +137,7 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: ja
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                   visible: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
                   slot: tuple[jax.Array, jax.Array] | None, *, num_heads: int, num_kv_heads: int,
-                  head_dim: int, eps: float, dtype: Any, mesh: Mesh | None,
+                  head_dim: int, eps: float, dtype: Any,
                   cpu_forms: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x: [B, T, H] in `dtype`; p: this layer's parameters (no layer axis;
     a matrix may be a tuple of column blocks, as in `Qwen2ForCausalLM.decode_weights`).
@@ -159,8 +158,8 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     q = mm(h, "q_w") + w["q_b"]
     k = mm(h, "k_w") + w["k_b"]
     val = mm(h, "v_w") + w["v_b"]
-    q = constrain(q, ("batch", "seq", "heads"), mesh).reshape(b, t, num_heads, head_dim)
-    k = constrain(k, ("batch", "seq", "kv_heads"), mesh).reshape(b, t, num_kv_heads, head_dim)
+    q = constrain(q, ("batch", "seq", "heads")).reshape(b, t, num_heads, head_dim)
+    k = constrain(k, ("batch", "seq", "kv_heads")).reshape(b, t, num_kv_heads, head_dim)
     val = val.reshape(b, t, num_kv_heads, head_dim)
     rope = apply_rope_no_concat if cpu_forms else apply_rope
     q, k = rope(q, cos, sin), rope(k, cos, sin)
@@ -178,10 +177,10 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
 
     attend = causal_block_attention if cpu_forms and kv is None else attention
     attn = attend(q, k, val, visible).reshape(b, t, num_heads * head_dim)
-    x = x + constrain(mm(attn, "o_w"), ("batch", "seq", "act_embed"), mesh)
+    x = x + constrain(mm(attn, "o_w"), ("batch", "seq", "act_embed"))
 
     h = rms_norm(x, p["post_norm"], eps)
-    gate = constrain(mm(h, "gate_w"), ("batch", "seq", "mlp"), mesh)
+    gate = constrain(mm(h, "gate_w"), ("batch", "seq", "mlp"))
     up = mm(h, "up_w")
-    x = x + constrain(mm(jax.nn.silu(gate) * up, "down_w"), ("batch", "seq", "act_embed"), mesh)
+    x = x + constrain(mm(jax.nn.silu(gate) * up, "down_w"), ("batch", "seq", "act_embed"))
     return x, new_kv

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from sspo_jax.model import cache as kv_cache
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.layers import cpu_tuned, decoder_layer, rms_norm, rope_cos_sin
-from sspo_jax.sharding import constrain, named_sharding, state_shardings
+from sspo_jax.parallel import constrain, state_shardings
 
 REMAT_POLICIES = {
     "none": None,
@@ -28,8 +28,8 @@ REMAT_POLICIES = {
 
 # decode_weights: in a model of at least DECODE_SPLIT_MODEL_BYTES of weights (more than a CPU's
 # last-level cache holds: each decode step streams them from DRAM), matrices of at least
-# DECODE_SPLIT_BYTES come in DECODE_SPLIT_PARTS blocks. Measured on a 2-core CPU with a 35.8 MiB
-# L3; see decode_weights.
+# DECODE_SPLIT_BYTES come in DECODE_SPLIT_PARTS blocks (BENCHMARKS.md: "decode weights' output
+# blocks" has the measurements behind the thresholds).
 DECODE_SPLIT_MODEL_BYTES = 64 << 20
 DECODE_SPLIT_BYTES = 1 << 20
 DECODE_SPLIT_PARTS = 2
@@ -64,7 +64,7 @@ def layer_param_specs(cfg: Qwen2Config) -> dict[str, tuple[tuple[int, ...], tupl
 
 
 def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
-    # Logical names in flax's `out_sharding` metadata; placement is sspo_jax.sharding's job,
+    # Logical names in flax's `out_sharding` metadata; placement is sspo_jax.parallel's job,
     # so no eager sharding at creation.
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
@@ -73,7 +73,7 @@ def abstract_model(config: Qwen2Config, *, mesh: Mesh | None = None, **kwargs) -
     """A Qwen2ForCausalLM that holds no data: every parameter a `jax.ShapeDtypeStruct` with
     the sharding it gets on `mesh` by its logical axes (on the first device without a mesh).
     What a checkpoint is read into; `kwargs` go to the constructor (dtype, param_dtype, remat)."""
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, **kwargs))
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0), **kwargs))
     state = nnx.state(model)
     shardings = (state_shardings(state, mesh) if mesh is not None else
                  jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), state,
@@ -108,9 +108,10 @@ class Qwen2ForCausalLM(nnx.Module):
     """Qwen2 decoder + LM head. See docs/design.md (Model) for the calling contract."""
 
     def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: str = "none", mesh: Mesh | None = None):
-        """dtype: compute dtype; remat: one of REMAT_POLICIES (per-layer jax.checkpoint policy);
-        mesh: where activations are constrained (None: the context mesh, if any)."""
+                 param_dtype: Any = jnp.float32, remat: str = "none"):
+        """dtype: compute dtype; remat: one of REMAT_POLICIES (per-layer jax.checkpoint policy).
+        The model holds no mesh: its activations are constrained to the context mesh
+        (`parallel.using_mesh`), which the sampler and the update take from the parameters."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         cfg = config
@@ -118,7 +119,6 @@ class Qwen2ForCausalLM(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
-        self.mesh = mesh
         normal = nnx.initializers.normal(0.02)
         self.embed = _param(normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
                             ("vocab", "embed"))
@@ -135,15 +135,12 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.lm_head[...].astype(self.dtype)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> kv_cache.KVCache:
-        """An empty KVCache (dtype default: the compute dtype), placed on the model's mesh if any."""
+        """An empty KVCache (dtype default: the compute dtype), laid out on the context mesh if any."""
         cfg = self.config
         cache = kv_cache.init_cache(cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads,
                                     cfg.head_dim, dtype or self.dtype)
-        if self.mesh is None:
-            return cache
-        put = lambda a, axes: jax.device_put(a, named_sharding(self.mesh, axes, a.shape))
-        return cache.replace(k=put(cache.k, kv_cache.KV_AXES), v=put(cache.v, kv_cache.KV_AXES),
-                             mask=put(cache.mask, kv_cache.MASK_AXES))
+        return cache.replace(k=constrain(cache.k, kv_cache.KV_AXES), v=constrain(cache.v, kv_cache.KV_AXES),
+                             mask=constrain(cache.mask, kv_cache.MASK_AXES))
 
     def decode_weights(self, split_bytes: float | None = None) -> dict[str, Any]:
         """The weights as a decode loop reads them fastest on XLA CPU: "layers", a tuple of L
@@ -155,14 +152,11 @@ class Qwen2ForCausalLM(nnx.Module):
 
         Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
         copies a layer's slice out of the stacked [L, ...] parameters on every use, so slicing
-        once outside the loop saves a full weight copy per token. The head's [8, H] x [V, H]
-        dot (each logit one contiguous row) measured 1.2-1.5x faster than against [H, V] for
-        V = 16384-32000 (a third of a ~40M model's decode step was its head). The blocks are
-        independent dots that XLA's thunk executor runs on two threads at once: a [8, K] x [K, N]
-        dot streaming its weights from DRAM reached ~7 GB/s alone and ~9-10 GB/s as two halves
-        (the ~40M sampling benchmark, 154 MB of weights: generate 3.14 -> 2.79 s). A model that
-        fits the cache gains nothing and pays for the extra dots (the ~5M one, 20 MB: its 4 MiB
-        head split 0.531 -> 0.556 s; every matrix split 0.54 -> 0.60 s).
+        once outside the loop saves a full weight copy per token. The head vocabulary-major makes
+        each logit one contiguous row of the weights. The blocks are independent dots that XLA's
+        thunk executor runs on two threads at once, which helps a model whose weights stream
+        from DRAM every step; a model that fits the cache only pays for the extra dots, hence
+        the model-size threshold (the measurements: BENCHMARKS.md).
         """
         stacked = self.layers.stacked()
         if split_bytes is None:
@@ -214,14 +208,14 @@ class Qwen2ForCausalLM(nnx.Module):
 
         # Gather from a table whole along the vocabulary (still FSDP-split along embed): XLA
         # cannot partition a gather over a vocab-sharded table and would replicate it entirely.
-        table = constrain(self.embed[...], (None, "embed"), self.mesh)
+        table = constrain(self.embed[...], (None, "embed"))
         x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "seq", "act_embed"), self.mesh)
+        x = constrain(x, ("batch", "seq", "act_embed"))
         # On XLA CPU: the forms of layers.cpu_tuned, and the layer scan fully unrolled.
         cpu = cpu_tuned()
         layer = functools.partial(
             decoder_layer, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, mesh=self.mesh,
+            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype,
             cpu_forms=cpu)
 
         remat = (lambda f: f) if self.remat == "none" else functools.partial(
@@ -254,8 +248,8 @@ class Qwen2ForCausalLM(nnx.Module):
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cache is None:
             return x
-        k, v = (constrain(a, kv_cache.KV_AXES, self.mesh) for a in new_kv)
-        key_mask = constrain(key_mask, kv_cache.MASK_AXES, self.mesh)
+        k, v = (constrain(a, kv_cache.KV_AXES) for a in new_kv)
+        key_mask = constrain(key_mask, kv_cache.MASK_AXES)
         return x, cache.replace(k=k, v=v, mask=key_mask, index=cache.index + t)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -266,5 +260,5 @@ class Qwen2ForCausalLM(nnx.Module):
         """
         out = self.hidden_states(input_ids, attention_mask, cache, None if weights is None else weights["layers"])
         hidden, new_cache = (out, None) if cache is None else out
-        logits = constrain(self.head_logits(hidden, weights), ("batch", "seq", "vocab"), self.mesh)
+        logits = constrain(self.head_logits(hidden, weights), ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, new_cache)

@@ -24,13 +24,13 @@ from sspo_jax.rewards.equivalence import (
 from sspo_jax.rewards.extract import extract_answer, last_boxed_content
 from sspo_jax.rewards.normalize import comparison_key, normalize_answer
 from sspo_jax.rewards.pool import Grader
-from sspo_jax.rewards.shaping import combine_rewards, format_reward, overlong_penalty
+from sspo_jax.rewards.shaping import combine_rewards, format_reward, overlong_penalty, shaped_rewards
 
 __all__ = [
     "MAX_ANSWER_CHARS", "NUMERIC_REL_TOL", "REASONS", "GradeResult", "Grader", "answers_equivalent",
     "close_default_grader", "combine_rewards", "comparison_key", "default_grader", "extract_answer",
     "format_reward", "grade", "grade_response", "last_boxed_content", "normalize_answer",
-    "overlong_penalty", "reason_counts", "reward",
+    "overlong_penalty", "reason_counts", "reward", "shaped_rewards",
 ]
 
 _default: Grader | None = None

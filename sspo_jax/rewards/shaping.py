@@ -3,9 +3,12 @@
 How they combine (`combine_rewards`):
     total = correctness + format_weight * format_reward + overlong_penalty
 with correctness in {0, 1}, format_reward in {0, 1} and overlong_penalty in [-1, 0]. Each term is
-off by default in the trainer (weight 0, no L_cache); enabling one never changes another.
+off by default in the trainer (config block `reward`: format_weight 0, overlong_buffer 0);
+enabling one never changes another. `shaped_rewards` is what the trainer calls.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 from sspo_jax.rewards.extract import count_boxes
 
@@ -38,3 +41,17 @@ def combine_rewards(correctness: float, format_score: float = 0.0, format_weight
                     overlong: float = 0.0) -> float:
     """`correctness + format_weight * format_score + overlong` (see the module docstring)."""
     return correctness + format_weight * format_score + overlong
+
+
+def shaped_rewards(correctness: Sequence[float], responses: Sequence[str], lengths: Sequence[int],
+                   *, max_length: int, format_weight: float = 0.0, overlong_buffer: int = 0) -> list[float]:
+    """The trainer's reward per response (config block `reward`): correctness, plus
+    `format_weight` x `format_reward`, plus DAPO's `overlong_penalty` over the last
+    `overlong_buffer` tokens of the `max_length` budget (0 = off). With both off it is the
+    correctness itself."""
+    out = []
+    for score, text, length in zip(correctness, responses, lengths, strict=True):
+        fmt = format_reward(text) if format_weight else 0.0
+        over = overlong_penalty(int(length), max_length, overlong_buffer) if overlong_buffer else 0.0
+        out.append(combine_rewards(score, fmt, format_weight, over))
+    return out

@@ -13,11 +13,36 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from sspo_jax import losses, segments
-from sspo_jax.distributed import to_numpy
-from sspo_jax.policy_update import PolicyBatch
-from sspo_jax.sharding import named_sharding, put_batch
+from sspo_jax.parallel import named_sharding, put_batch, to_numpy
+from sspo_jax.rl import advantages, losses, segments
+
+
+@struct.dataclass
+class PolicyBatch:
+    """Rollouts ready for the loss. B rows; P prompt slots (left padded) then R response slots.
+
+    tokens / attention_mask: [B, P+R]; response_mask, old_logp, seg, eps_low, eps_high: [B, R];
+    adv: [B]; ref_logp: [B, R] or None (only when the loss has a KL term).
+    """
+    tokens: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    old_logp: jax.Array
+    adv: jax.Array
+    seg: jax.Array
+    eps_low: jax.Array
+    eps_high: jax.Array
+    ref_logp: jax.Array | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, index) -> "PolicyBatch":
+        """The rows `index` (an int array or slice) of every field."""
+        return jax.tree.map(lambda x: x[index], self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +65,7 @@ class SegmentTables:
 @functools.partial(jax.jit, static_argnames=("group_size", "loss_cfg", "filter_zero_variance"))
 def _batch_statistics(tokens, mask, entropy, rewards, ends, dot_end, digit_start, *,
                       group_size: int, loss_cfg: losses.LossConfig, filter_zero_variance: bool):
-    adv = losses.group_advantages(rewards, group_size, loss_cfg.normalize_std, loss_cfg.adv_eps)
+    adv = advantages.group_advantages(rewards, group_size, loss_cfg.advantage, loss_cfg.adv_eps)
     grouped = rewards.reshape(-1, group_size)
     flat_group = jnp.repeat(grouped.max(axis=1) == grouped.min(axis=1), group_size)   # [B]
     if filter_zero_variance:

@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sspo_jax.sharding import abstract
+from sspo_jax.parallel import abstract
 
 META = "meta"
 
@@ -140,8 +140,8 @@ class PreemptionWatcher:
         local = self._event.is_set()
         if jax.process_count() == 1:
             return local
-        from jax.experimental import multihost_utils
         import numpy as np
+        from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.array([local], dtype=np.int32))
         return bool(np.asarray(flags).any())
 

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from sspo_jax import sampling_filters
-from sspo_jax.distributed import to_numpy
-from sspo_jax.sharding import named_sharding, put_batch
+from sspo_jax.generate import filters
+from sspo_jax.parallel import mesh_of, named_sharding, put_batch, using_mesh
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def bucket_length(n: int) -> int:
 def _record(state: _LoopState, logits: jax.Array, cfg: SamplerConfig) -> _LoopState:
     """Draws the token for column `state.step` from `logits` [R, V] and writes it."""
     key = jax.random.fold_in(state.rng, state.step)
-    token, logp, ent = sampling_filters.sample_step(
+    token, logp, ent = filters.sample_step(
         key, logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     active = ~state.done  # [R]
     token = jnp.where(active, token, cfg.pad_id)
@@ -233,15 +232,15 @@ def generate(model, prompt_ids, prompt_mask, rng, *, num_samples: int = 1, max_n
     ids = np.where(mask == 1, ids, cfg.pad_id)[:, -longest:].astype(np.int32)
     pad = ((0, 0), (width - longest, 0))
     ids, mask = np.pad(ids, pad, constant_values=cfg.pad_id), np.pad(mask[:, -longest:], pad)
-    mesh = getattr(model, "mesh", None)
-    if mesh is not None:  # batch over the data axes; the model's params are already placed
+    graphdef, params = nnx.split(model)
+    mesh = mesh_of(params)
+    if mesh is not None:  # on the mesh of the weights: the batch over its data axes
         ids = put_batch(ids, named_sharding(mesh, ("batch", "seq"), ids.shape))
         mask = put_batch(mask, named_sharding(mesh, ("batch", "seq"), mask.shape))
-    graphdef, params = nnx.split(model)
-    return _generate_jit(graphdef, cfg, params, ids, mask, rng)
+    with using_mesh(mesh):
+        return _generate_jit(graphdef, cfg, params, ids, mask, rng)
 
 
-TEMPLATES = ("plain", "chat")
 _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Qwen stops on either
 
 
@@ -259,39 +258,3 @@ def default_pad_id(tokenizer, eos_ids: Sequence[int]) -> int:
     if pad is not None and pad not in eos_ids:
         return int(pad)
     return next(i for i in range(len(eos_ids) + 1) if i not in eos_ids)
-
-
-def generate_text(model, tokenizer, prompts: Sequence[str], *, template: str = "plain", max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
-                  rng: jax.Array | None = None, eos_ids: Sequence[int] | None = None,
-                  pad_id: int | None = None) -> list[str]:
-    """Strings in, strings out (B*n, prompt-major) with a Hugging Face tokenizer.
-
-    template "plain" encodes each prompt as is; "chat" wraps it as one user turn with
-    `tokenizer.apply_chat_template(..., add_generation_prompt=True)`. Greedy by default. The EOS
-    that ends a response is not part of its text. eos_ids / pad_id default to `default_eos_ids` /
-    `default_pad_id`; rng defaults to `jax.random.key(0)`.
-    """
-    if template not in TEMPLATES:
-        raise ValueError(f"template={template!r}; choose one of {TEMPLATES}")
-    if isinstance(prompts, str) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    eos_ids = default_eos_ids(tokenizer) if eos_ids is None else tuple(eos_ids)
-    pad_id = default_pad_id(tokenizer, eos_ids) if pad_id is None else pad_id
-    if template == "chat":
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(1, max(len(e) for e in encoded))
-    ids = np.full((len(encoded), width), pad_id, np.int32)
-    mask = np.zeros((len(encoded), width), np.int32)
-    for row, e in enumerate(encoded):
-        if e:
-            ids[row, width - len(e):], mask[row, width - len(e):] = e, 1
-    out = generate(model, ids, mask, jax.random.key(0) if rng is None else rng, num_samples=num_samples,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   eos_ids=eos_ids, pad_id=pad_id)
-    tokens, lengths, truncated = (to_numpy(a) for a in (out.tokens, out.lengths, out.truncated))
-    # Drop the closing EOS of finished rows.
-    return [tokenizer.decode(tokens[r, :lengths[r] - (0 if truncated[r] else 1)].tolist())
-            for r in range(tokens.shape[0])]

@@ -11,9 +11,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sspo_jax import loss_metrics
-from sspo_jax.loss_metrics import combine_metrics, finalize_metrics  # noqa: F401  (public API)
-from sspo_jax.segments import DEFAULT_DELIMITERS
+from sspo_jax.rl import advantages, loss_metrics
+from sspo_jax.rl.loss_metrics import combine_metrics, finalize_metrics  # noqa: F401  (public API)
+from sspo_jax.rl.segments import DEFAULT_DELIMITERS
 
 LEVELS = ("token", "subsentence", "sequence")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -34,8 +34,8 @@ class LossConfig:
     kl_beta: float = 0.0                  # weight of k3 KL to the reference policy
     aggregation: str = "seq-mean-token-mean"
     token_sum_norm: float | None = None   # seq-mean-token-sum-norm constant; None = T (padded len)
-    normalize_std: bool = True            # advantages divided by the group std (False: Dr. GRPO)
-    adv_eps: float = 1e-6                 # A = (R - mean) / (std + adv_eps)
+    advantage: str = "grpo"               # estimator (rl/advantages.py): grpo | dr_grpo | rloo
+    adv_eps: float = 1e-6                 # grpo: A = (R - mean) / (std + adv_eps)
     log_ratio_clamp: float = 20.0         # d = clamp(logp - old_logp, -c, c)
     # Subsentence splitting (used by the trainer with `segments`):
     delimiters: tuple[str, ...] = DEFAULT_DELIMITERS
@@ -50,6 +50,8 @@ class LossConfig:
             if not ok:
                 raise ValueError(f"LossConfig: {msg}")
         need(self.level in LEVELS, f"level={self.level!r}, choose one of {LEVELS}")
+        need(self.advantage in advantages.ESTIMATORS,
+             f"advantage={self.advantage!r}, choose one of {sorted(advantages.ESTIMATORS)}")
         need(self.aggregation in AGGREGATIONS,
              f"aggregation={self.aggregation!r}, choose one of {AGGREGATIONS}")
         need(self.adaptive_mode in ADAPTIVE_MODES,
@@ -77,7 +79,7 @@ PRESETS: dict[str, LossConfig] = {
     "grpo": LossConfig(level="token", eps_low=0.2, eps_high=0.2),
     "dapo": LossConfig(level="token", eps_low=0.2, eps_high=0.28, aggregation="token-mean"),
     "dr_grpo": LossConfig(level="token", eps_low=0.2, eps_high=0.2,
-                          aggregation="seq-mean-token-sum-norm", normalize_std=False),
+                          aggregation="seq-mean-token-sum-norm", advantage="dr_grpo"),
     "gspo": LossConfig(level="sequence", eps_low=3e-4, eps_high=4e-4),
     # Subsentence eps: GSPO's scaled by sqrt(~500 tokens per response / ~12 per subsentence),
     # the shrinkage of a mean log-ratio's spread; see docs/algorithms.md. A tuning knob.
@@ -95,27 +97,6 @@ def preset(name: str, **overrides) -> LossConfig:
     if unknown:
         raise ValueError(f"unknown LossConfig field(s) {unknown}; fields are {sorted(fields)}")
     return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def group_advantages(rewards, group_size: int, normalize_std: bool = True, eps: float = 1e-6):
-    """`[B]` advantages (R - group mean) / (group std + eps), or without the std division.
-
-    Rows are group-major (rows g*G .. g*G+G-1 share a prompt). The std is the unbiased one
-    (ddof=1, as TRL and verl). A group whose rewards are all equal gets exactly 0.
-    """
-    rewards = jnp.asarray(rewards)
-    rewards = rewards.astype(jnp.result_type(rewards.dtype, jnp.float32))
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group needs peers), got {group_size}")
-    if rewards.ndim != 1 or rewards.shape[0] % group_size:
-        raise ValueError(f"rewards must be [B] with B a multiple of group_size={group_size}, "
-                         f"got shape {rewards.shape}")
-    r = rewards.reshape(-1, group_size)                                        # [B/G, G]
-    adv = r - r.mean(axis=1, keepdims=True)
-    if normalize_std:
-        adv = adv / (r.std(axis=1, ddof=1, keepdims=True) + eps)
-    flat = (r.max(axis=1) == r.min(axis=1))[:, None]  # rounding must not leak a tiny advantage
-    return jnp.where(flat, 0.0, adv).reshape(-1)
 
 
 def rebase_segments(seg):

@@ -8,43 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sspo_jax import logprobs, losses
-from sspo_jax.loss_metrics import combine_metrics
-from sspo_jax.sharding import abstract, constrain
-
-
-@struct.dataclass
-class PolicyBatch:
-    """Rollouts ready for the loss. B rows; P prompt slots (left padded) then R response slots.
-
-    tokens / attention_mask: [B, P+R]; response_mask, old_logp, seg, eps_low, eps_high: [B, R];
-    adv: [B]; ref_logp: [B, R] or None (only when the loss has a KL term).
-    """
-    tokens: jax.Array
-    attention_mask: jax.Array
-    response_mask: jax.Array
-    old_logp: jax.Array
-    adv: jax.Array
-    seg: jax.Array
-    eps_low: jax.Array
-    eps_high: jax.Array
-    ref_logp: jax.Array | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return self.tokens.shape[0]
-
-    def rows(self, index) -> "PolicyBatch":
-        """The rows `index` (an int array or slice) of every field."""
-        return jax.tree.map(lambda x: x[index], self)
+from sspo_jax.parallel import abstract, constrain, mesh_of, using_mesh
+from sspo_jax.rl import logprobs, losses
+from sspo_jax.rl.loss_metrics import combine_metrics
+from sspo_jax.rl.train_batch import PolicyBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +83,15 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
                                                temperature, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
 def batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSettings):
+    """`[B, R]` response log-probs of `batch` under `params` (no gradient), on the mesh the
+    parameters are laid out on; see `_batch_logprobs`."""
+    with using_mesh(mesh_of(params)):
+        return _batch_logprobs(params, batch, graphdef=graphdef, settings=settings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def _batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSettings):
     """`[B, R]` response log-probs of `batch` under `params` (no gradient): the old policy's
     when recomputed, or the reference policy's for the KL term.
 
@@ -120,15 +101,13 @@ def batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSett
     rows, response_len = batch.response_mask.shape
     prompt_len = batch.tokens.shape[1] - response_len
     mbs = settings.micro_batch_size if rows % settings.micro_batch_size == 0 else rows
-    mesh = getattr(model, "mesh", None)
-
     def one(micro):
         tokens, attention_mask = micro
         logp, _ = response_logprobs(model, tokens, attention_mask, prompt_len,
                                     settings.temperature, settings.logprob_chunk)
         return logp
 
-    split = lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]), (None, "batch", None), mesh)
+    split = lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]), (None, "batch", None))
     logp = jax.lax.map(one, (split(batch.tokens), split(batch.attention_mask)))
     return jnp.where(batch.response_mask > 0, logp.reshape(rows, response_len), 0.0)
 
@@ -146,10 +125,19 @@ def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
                               entropy=jax.lax.stop_gradient(entropy))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "settings"),
-                   donate_argnames=("params", "opt_state"))
 def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
                 settings: UpdateSettings):
+    """`_update_step` on the mesh the parameters are laid out on (`params` and `opt_state` are
+    donated)."""
+    with using_mesh(mesh_of(params)):
+        return _update_step(params, opt_state, batch, graphdef=graphdef, optimizer=optimizer,
+                            settings=settings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "settings"),
+                   donate_argnames=("params", "opt_state"))
+def _update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
+                 settings: UpdateSettings):
     """One optimizer step on `batch` (a mini-batch), summed over micro-batches.
 
     Returns (params, opt_state, metrics, grad_norm, finite). The micro-batch losses are
@@ -163,10 +151,9 @@ def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
     num_tokens = jnp.sum(mask)
     num_seqs = jnp.sum(jnp.sum(mask, axis=1) > 0)
     # Each micro-batch is split over the mesh's batch axes (not the scan axis over micro-batches).
-    mesh = getattr(nnx.merge(graphdef, params), "mesh", None)
     micro = jax.tree.map(
         lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]),
-                            (None, "batch") + (None,) * (x.ndim - 1), mesh), batch)
+                            (None, "batch") + (None,) * (x.ndim - 1)), batch)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def accumulate(grad_sum, mb):
@@ -182,8 +169,3 @@ def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics, grad_norm, finite
-
-
-def split_model(model) -> tuple[Any, Any]:
-    """(graphdef, params) of an NNX model; the graphdef is static, params a pytree of arrays."""
-    return nnx.split(model)

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 
-from sspo_jax import sharding
+from sspo_jax import parallel
 from sspo_jax.model.config import Qwen2Config
 
 GIB = 2 ** 30
@@ -184,7 +184,7 @@ def report(p, show_items: bool = True) -> str:
     items, totals, issues, costs, times = p.items, p.totals, p.issues, p.costs, p.times
     chip = slice_.chip
     hbm = chip.hbm_bytes
-    d, f, t = (mesh.sizes[a] for a in sharding.MESH_AXES)
+    d, f, t = (mesh.sizes[a] for a in parallel.MESH_AXES)
     lines = [
         f"# Plan: {p.config_name} on {slice_.name}" + (f" x {mesh.slices} slices" if mesh.slices > 1 else ""),
         "",

@@ -8,8 +8,8 @@ the trainer and evaluation need around that:
   environment on Cloud TPU VMs (`--multihost`); a no-op for one process.
 - `to_numpy`: the whole value of a global array on every process (an all-gather when this
   process does not hold all of it).
-- `process_block` / `grade_across_hosts`: each process grades a contiguous block of the
-  responses and the scores are all-gathered, so every process ends with the same rewards.
+- `process_block` / `allgather_blocks`: each process handles a contiguous block of a list
+  (the trainer's grading, sspo_jax/train/grading.py) and the results are all-gathered.
 
 Data: every process reads the same global prompt stream (the prompts are small: 128 prompts of
 1k tokens are 0.5 MB); batches become global arrays with each process feeding only the rows its
@@ -17,8 +17,6 @@ devices hold (`sharding.put_batch`, by `jax.make_array_from_process_local_data`)
 identical whatever the number of processes, which the tests check.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -87,34 +85,6 @@ def allgather_blocks(local: np.ndarray, n: int) -> np.ndarray:
 def _block_len(n: int, index: int, count: int) -> int:
     block = process_block(n, index, count)
     return block.stop - block.start
-
-
-def grade_across_hosts(grader, texts: Sequence[str], golds: Sequence[str], timeout: float):
-    """GradeResult for every response, each process grading only its block.
-
-    Every process passes all texts (they are decoded from the all-gathered tokens); the scores and
-    reason codes of other processes' blocks arrive by all-gather, their extracted answers are
-    recomputed here (extraction is cheap and deterministic; equivalence checks are not).
-    """
-    from sspo_jax import rewards
-    from sspo_jax.rewards.equivalence import clean_text
-    n = len(texts)
-    block = process_block(n)
-    mine = grader.grade(list(texts[block]), list(golds[block]), timeout=timeout)
-    if jax.process_count() == 1:
-        return mine
-    codes = np.array([[r.score, rewards.REASONS.index(r.reason)] for r in mine], np.float32)
-    codes = allgather_blocks(codes.reshape(-1, 2), n)
-    results = []
-    for i, (score, code) in enumerate(codes):
-        if block.start <= i < block.stop:
-            results.append(mine[i - block.start])
-            continue
-        reason = rewards.REASONS[int(code)]
-        extracted = (rewards.extract_answer(clean_text(texts[i])) if reason in ("correct", "wrong")
-                     else None)
-        results.append(rewards.GradeResult(float(score), reason, extracted))
-    return results
 
 
 def define_flags():

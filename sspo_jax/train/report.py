@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from sspo_jax import metrics as metrics_lib
+from sspo_jax.train import metrics as metrics_lib
 
 PLOT_KEYS = ["reward/mean", "eval/accuracy", "clip_frac_total/token", "clip_frac_total/subsentence",
              "clip_frac_total/response", "entropy_mean", "response/length_mean", "approx_kl"]

@@ -7,11 +7,10 @@ import dataclasses
 import math
 import types
 
-from sspo_jax import sharding
+from sspo_jax import parallel
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.qwen2 import layer_param_specs
-from sspo_jax.plan_tables import Slice
-
+from sspo_jax.plan.tables import Slice
 
 # ---------------------------------------------------------------- parameters and sharding
 
@@ -43,21 +42,22 @@ def param_arrays(cfg: Qwen2Config) -> list[tuple[tuple[int, ...], tuple[str, ...
     return arrays
 
 
-def shard_divisor(names, shape, sizes: dict[str, int], rules=None) -> int:
+def shard_divisor(names, shape, sizes: dict[str, int], rules=parallel.LOGICAL_RULES) -> int:
     """How many ways an array is split on a mesh with these axis sizes: the product of the mesh
-    axes that sharding.logical_to_spec (the trainer's own rule) gives it; only the sizes count."""
-    spec = sharding.logical_to_spec(names, shape, types.SimpleNamespace(shape=sizes), rules)
+    axes that parallel.logical_to_spec (the trainer's own rule) gives it; only the sizes count."""
+    spec = parallel.logical_to_spec(names, shape, types.SimpleNamespace(shape=sizes), rules,
+                                    report=False)  # a plan of many meshes: no warnings
     axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
     return math.prod(sizes[a] for a in axes)
 
 
-def per_device(names, shape, sizes, rules=None) -> float:
+def per_device(names, shape, sizes, rules=parallel.LOGICAL_RULES) -> float:
     """Elements of the array one device holds."""
     return math.prod(shape) / shard_divisor(names, shape, sizes, rules)
 
 
 # The sampler's copy with mesh.sampler_reshard (gathered over fsdp, still split over tensor).
-SAMPLER_RULES = sharding.SAMPLER_RULES
+SAMPLER_RULES = parallel.SAMPLER_RULES
 
 
 # ---------------------------------------------------------------- the mesh
@@ -70,7 +70,7 @@ class MeshPlan:
 
     @property
     def sizes(self) -> dict[str, int]:
-        return {a: i * d for a, i, d in zip(sharding.MESH_AXES, self.ici, self.dcn)}
+        return {a: i * d for a, i, d in zip(parallel.MESH_AXES, self.ici, self.dcn)}
 
     @property
     def batch_shards(self) -> int:
@@ -83,7 +83,7 @@ class MeshPlan:
 
 def resolve_mesh(mesh_cfg, slice_: Slice) -> MeshPlan:
     """The run's mesh on `slice_`: data/fsdp/tensor within a slice (one may be -1, the rest),
-    dcn_* slices along each axis; the same sizes sharding.mesh_from_config builds."""
+    dcn_* slices along each axis; the same sizes parallel.mesh_from_config builds."""
     get = mesh_cfg.get
     dcn = (get("dcn_data", 1), get("dcn_fsdp", 1), get("dcn_tensor", 1))
     per_slice = get("devices", 0) or slice_.chips
@@ -95,7 +95,7 @@ def resolve_mesh(mesh_cfg, slice_: Slice) -> MeshPlan:
     if -1 in sizes and per_slice % known == 0:
         sizes[sizes.index(-1)] = per_slice // known
     if math.prod(sizes) != per_slice:
-        raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(get(a, 1) for a in sharding.MESH_AXES)} "
+        raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(get(a, 1) for a in parallel.MESH_AXES)} "
                          f"does not fit the {per_slice} devices of a {slice_.name} slice "
                          f"({slice_.chips} chips, one JAX device each)")
     return MeshPlan(tuple(sizes), dcn, per_slice * math.prod(dcn))

@@ -18,8 +18,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from sspo_jax.data.templates import render_prompt
-from sspo_jax.policy_update import init_optimizer, response_logprobs
-from sspo_jax.sharding import named_sharding, put_batch
+from sspo_jax.parallel import mesh_of, named_sharding, put_batch, using_mesh
+from sspo_jax.train.update import init_optimizer, response_logprobs
 
 
 def encode_examples(rows: Sequence[dict], tokenizer, *, template: str, prompt_len: int,
@@ -93,8 +93,10 @@ def warm_start(model, examples, *, steps: int, lr: float, batch_size: int, promp
         idx = order[pos:pos + batch_size]
         pos += batch_size
         batch = [place(a[idx]) for a in (tokens, attn, resp)]
-        params, opt_state, loss = _sft_step(params, opt_state, *batch, graphdef=graphdef,
-                                            optimizer=optimizer, prompt_len=prompt_len, chunk=chunk)
+        with using_mesh(mesh_of(params)):
+            params, opt_state, loss = _sft_step(params, opt_state, *batch, graphdef=graphdef,
+                                                optimizer=optimizer, prompt_len=prompt_len,
+                                                chunk=chunk)
         history.append(float(loss))
         if log is not None:
             log(step, history[-1])

@@ -10,81 +10,78 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sspo_jax import model as model_lib
-from sspo_jax import sharding
+from sspo_jax import parallel
+from sspo_jax.specs import DataSpec, EvalSpec, ModelSpec, OptimizerSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_policy(config, mesh=None):
+def build_policy(m: ModelSpec, seed: int, mesh=None):
     """(tokenizer, model): a Hugging Face checkpoint, or a random tiny Qwen2 with the project's
     own synthetic-task tokenizer (the CPU demo).
 
     A Hugging Face checkpoint is loaded straight onto `mesh` (each device reads its shards); the
     tiny model is built on one device (every process the same, from the seed) and laid out on
-    the mesh by the caller (`sharding.shard_model`), after the warm start if there is one."""
-    m = config.model
+    the mesh by the caller (`parallel.shard_model`), after the warm start if there is one."""
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
-    tokenizer = _tokenizer(config)
+    tokenizer = _tokenizer(m)
     if m.hf_dir:
         model = model_lib.from_pretrained(_local_checkpoint(m.hf_dir), dtype=dtype,
                                           param_dtype=param_dtype, remat=m.remat, mesh=mesh)
         return tokenizer, model
-    model = model_lib.Qwen2ForCausalLM(_model_config(config, tokenizer), rngs=nnx.Rngs(config.seed),
+    model = model_lib.Qwen2ForCausalLM(_model_config(m, tokenizer), rngs=nnx.Rngs(seed),
                                        dtype=dtype, param_dtype=param_dtype, remat=m.remat)
     return tokenizer, model
 
 
-def policy_skeleton(config, mesh):
+def policy_skeleton(m: ModelSpec, mesh):
     """(tokenizer, model) like `build_policy`, but the model holds no data: every parameter is a
     `jax.ShapeDtypeStruct` with its sharding on `mesh`, ready to be filled from a checkpoint
     (`restore_params`, or the trainer's resume) without loading or initialising weights first."""
-    m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
-    tokenizer = _tokenizer(config, weights=False)
+    tokenizer = _tokenizer(m, weights=False)
     cfg = (model_lib.Qwen2Config.from_hf(_local_checkpoint(m.hf_dir, weights=False)) if m.hf_dir
-           else _model_config(config, tokenizer))
+           else _model_config(m, tokenizer))
     return tokenizer, model_lib.abstract_model(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
                                                remat=m.remat)
 
 
-def _tokenizer(config, weights: bool = True):
+def _tokenizer(m: ModelSpec, weights: bool = True):
     from sspo_jax.data.tokenizer import build_tokenizer, load_tokenizer
-    m = config.model
     if m.tokenizer_dir or m.hf_dir:
         return load_tokenizer(m.tokenizer_dir or _local_checkpoint(m.hf_dir, weights))
     return build_tokenizer()
 
 
-def _model_config(config, tokenizer):
+def _model_config(m: ModelSpec, tokenizer):
     """The tiny demo model's config (`model.tiny`, vocabulary from the tokenizer)."""
-    tiny = dict(config.model.tiny)
+    tiny = dict(m.tiny)
     heads = tiny["num_attention_heads"]
     return model_lib.Qwen2Config(vocab_size=len(tokenizer), head_dim=tiny["hidden_size"] // heads,
                                  **tiny)
 
 
-def optimizer_from_config(config):
-    """The run's optax optimizer (its state tree is part of every checkpoint)."""
-    from sspo_jax.policy_update import make_optimizer
-    o, t = config.optimizer, config.train
+def run_optimizer(o: OptimizerSpec, total_steps: int):
+    """The run's optax optimizer over `total_steps` updates (`RunSpec.optimizer_steps`); its
+    state tree is part of every checkpoint."""
+    from sspo_jax.train.update import make_optimizer
     return make_optimizer(o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
-                          total_steps=config.steps * t.ppo_mini_batches * t.ppo_epochs,
-                          weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                          grad_clip=o.grad_clip)
+                          total_steps=total_steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                          eps=o.eps, grad_clip=o.grad_clip)
 
 
 def restore_params(model, checkpoint_dir: str, step: int | None = None) -> int:
     """Fills `model` (a `policy_skeleton`, or a model whose arrays give the target shardings)
     with the policy parameters of a training checkpoint; returns the step. Only the `params`
     item is read: no optimizer state is built or loaded."""
-    from sspo_jax.checkpoint import Checkpointer
+    from sspo_jax.train.checkpoint import Checkpointer
     ckpt = Checkpointer(checkpoint_dir, save_every=1, create=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: train first, or evaluate "
                                     f"a Hugging Face directory with --config.model.hf_dir")
-        items, _ = ckpt.restore({"params": sharding.abstract(nnx.state(model))}, step=step)
+        items, _ = ckpt.restore({"params": parallel.abstract(nnx.state(model))}, step=step)
     finally:
         ckpt.close()
     nnx.update(model, items["params"])
@@ -95,8 +92,8 @@ def abstract_opt_state(optimizer, params):
     """The optimizer state `policy_update.init_optimizer(optimizer, params)` would make, as
     `jax.ShapeDtypeStruct`s with its shardings, computed without allocating it (`params` may be
     abstract): what a resumed run restores the saved state into."""
-    from sspo_jax.policy_update import optimizer_state_shardings
-    shapes = jax.eval_shape(optimizer.init, sharding.abstract(params))
+    from sspo_jax.train.update import optimizer_state_shardings
+    shapes = jax.eval_shape(optimizer.init, parallel.abstract(params))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                         optimizer_state_shardings(optimizer, params))
 
@@ -111,29 +108,28 @@ def _local_checkpoint(name: str, weights: bool = True) -> str:
     return snapshot_download(name, allow_patterns=patterns)
 
 
-def eval_rows(config, name: str) -> list[dict]:
+def eval_rows(e: EvalSpec, d: DataSpec, seed: int, name: str) -> list[dict]:
     """Rows of benchmark `name`; `synthetic` is the synthetic task's held-out split (training's
     periodic evaluation and `sspo_jax.evaluate` both read their rows here)."""
     if name == "synthetic":
         from sspo_jax.data import synthetic
-        return synthetic.generate(config.eval.num_prompts, split="test",
-                                  levels=tuple(config.data.synthetic_levels), seed=config.seed + 1)
+        return synthetic.generate(e.num_prompts, split="test", levels=d.synthetic_levels,
+                                  seed=seed + 1)
     from sspo_jax.data.benchmarks import load_benchmark
-    return load_benchmark(name, config.eval.data_dir)
+    return load_benchmark(name, e.data_dir)
 
 
-def load_task(config) -> tuple[list[dict] | str, list[dict]]:
+def load_task(d: DataSpec, e: EvalSpec, seed: int) -> tuple[list[dict] | str, list[dict]]:
     """(training source, evaluation rows). The training source is a list of rows (synthetic) or
     a path / `hf:` name the prompt pipeline reads; evaluation rows are the synthetic held-out
     split, or the configured benchmarks."""
-    d, e = config.data, config.eval
     if d.source == "synthetic":
         from sspo_jax.data import synthetic
-        train = synthetic.generate(d.synthetic_train_size, split="train",
-                                   levels=tuple(d.synthetic_levels), seed=config.seed)
-        return train, eval_rows(config, "synthetic")
+        train = synthetic.generate(d.synthetic_train_size, split="train", levels=d.synthetic_levels,
+                                   seed=seed)
+        return train, eval_rows(e, d, seed, "synthetic")
     source = d.path if d.source != "hub" else f"hf:{d.path}"
-    rows = [row for name in e.benchmarks for row in eval_rows(config, name)]
+    rows = [row for name in e.benchmarks for row in eval_rows(e, d, seed, name)]
     return source, rows[: e.num_prompts] if e.num_prompts else rows
 
 

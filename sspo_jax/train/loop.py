@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 
-from sspo_jax import checkpoint as ckpt_lib
-from sspo_jax import distributed, evaluate, metrics as metrics_lib, policy_update, rollout
+from sspo_jax import parallel
 from sspo_jax import rewards as rewards_lib
-from sspo_jax import run_config, sampling, sharding
-from sspo_jax.compile_cache import CompileCache
-from sspo_jax.distributed import to_numpy
-from sspo_jax.loss_metrics import combine_metrics, finalize_metrics
-from sspo_jax.policy_bootstrap import (abstract_opt_state, build_policy, load_task,
-                                       optimizer_from_config, policy_skeleton, write_run_info)
+from sspo_jax import run_config, specs
+from sspo_jax.generate import sampler
+from sspo_jax.parallel import to_numpy
+from sspo_jax.rl import train_batch
+from sspo_jax.rl.loss_metrics import combine_metrics, finalize_metrics
+from sspo_jax.train import checkpoint as ckpt_lib
+from sspo_jax.train import evaluation, grading
+from sspo_jax.train import metrics as metrics_lib
+from sspo_jax.train import update
+from sspo_jax.train.compile_cache import CompileCache
+from sspo_jax.train.setup import (abstract_opt_state, build_policy, load_task,
+                                  policy_skeleton, run_optimizer, write_run_info)
 
 CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", ".3f"),
                 ("clip_frac_total/token", "clip", ".4f"), ("entropy_mean", "entropy", ".3f"),
@@ -39,38 +42,40 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     """Runs (or resumes) the configured training; returns the metric rows of this invocation.
 
     With several JAX processes every process calls this with the same arguments (see
-    sspo_jax/distributed.py); only process 0 writes logs, metrics and plots.
+    sspo_jax/parallel/hosts.py); only process 0 writes logs, metrics and plots.
     """
     run_config.check_workdir(workdir)
-    mesh = sharding.mesh_from_config(config.mesh)
-    run_config.validate(config, batch_shards=sharding.batch_shards(mesh))
-    with CompileCache(config.compile_cache, workdir):
-        return _train(config, workdir, mesh)
+    mesh = parallel.mesh_from_config(config.mesh)
+    spec = specs.parse(config, batch_shards=parallel.batch_shards(mesh))
+    with CompileCache(spec.compile_cache, workdir):
+        return _train(spec, config, workdir, mesh)
 
 
-def _train(config, workdir: str, mesh) -> list[dict]:
-    loss_cfg = run_config.loss_config(config.loss)
-    is_chief = distributed.is_chief()
+def _train(spec: specs.RunSpec, config, workdir: str, mesh) -> list[dict]:
+    """The run of `spec`; `config` (the same, as given) only goes into the run record."""
+    loss_cfg = spec.loss
+    is_chief = parallel.is_chief()
     os.makedirs(workdir, exist_ok=True)
     write_run_info(workdir, config, mesh)
-    checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(config, workdir),
-                                        save_every=config.checkpoint.every,
-                                        keep=config.checkpoint.keep,
-                                        async_save=config.checkpoint.async_save)
+    checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(spec, workdir),
+                                        save_every=spec.checkpoint.every,
+                                        keep=spec.checkpoint.keep,
+                                        async_save=spec.checkpoint.async_save)
     start = checkpoints.latest_step()
     resumed = start is not None
     # A resumed run fills an empty skeleton from the checkpoint: no weights are loaded or
     # initialised just to be overwritten.
-    tokenizer, model = (policy_skeleton(config, mesh) if resumed else build_policy(config, mesh))
-    train_rows, eval_rows = load_task(config)
-    tables = rollout.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
-    eos_ids = sampling.default_eos_ids(tokenizer)
-    pad_id = sampling.default_pad_id(tokenizer, eos_ids)
-    pipeline = _train_pipeline(config, tokenizer, train_rows)
+    tokenizer, model = (policy_skeleton(spec.model, mesh) if resumed
+                        else build_policy(spec.model, spec.seed, mesh))
+    train_rows, eval_rows = load_task(spec.data, spec.eval, spec.seed)
+    tables = train_batch.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
+    eos_ids = sampler.default_eos_ids(tokenizer)
+    pad_id = sampler.default_pad_id(tokenizer, eos_ids)
+    pipeline = _train_pipeline(spec, tokenizer, train_rows)
     data_iter = pipeline.iterator()
-    r, t = config.rollout, config.train
-    optimizer = optimizer_from_config(config)
-    settings = policy_update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
+    r, t = spec.rollout, spec.train
+    optimizer = run_optimizer(spec.optimizer, spec.optimizer_steps)
+    settings = update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
                                             micro_batch_size=t.micro_batch_size,
                                             logprob_chunk=t.logprob_chunk)
     grader = rewards_lib.Grader()
@@ -87,11 +92,11 @@ def _train(config, workdir: str, mesh) -> list[dict]:
             print(f"resumed from the checkpoint of step {start} in {checkpoints.directory}", flush=True)
     else:
         start = 0
-        if config.warm_start.steps:  # the tiny model on one device; an HF model on the mesh
-            _warm_start(config, model, tokenizer, train_rows, is_chief)
-        sharding.shard_model(model, mesh)  # a no-op for a model loaded onto the mesh
+        if spec.warm_start.steps:  # the tiny model on one device; an HF model on the mesh
+            _warm_start(spec, model, tokenizer, train_rows, is_chief)
+        parallel.shard_model(model, mesh)  # a no-op for a model loaded onto the mesh
         graphdef, params = nnx.split(model)
-        opt_state = policy_update.init_optimizer(optimizer, params)
+        opt_state = update.init_optimizer(optimizer, params)
     # The KL reference is the starting policy (step 0: after the warm start, always kept); a
     # resumed run reads only its parameters.
     ref_params = None
@@ -105,56 +110,61 @@ def _train(config, workdir: str, mesh) -> list[dict]:
     def sampler_model():
         """The policy as the sampler sees it: the training params, or (mesh.sampler_reshard) a
         copy gathered over fsdp, in the compute dtype, for decoding."""
-        if not config.mesh.sampler_reshard:
+        if not spec.mesh.sampler_reshard:
             return nnx.merge(graphdef, params)
-        return nnx.merge(graphdef, sharding.sampler_params(params, nnx.state(model), mesh,
+        return nnx.merge(graphdef, parallel.sampler_params(params, nnx.state(model), mesh,
                                                            model.dtype))
 
     def evaluate_now(step):
-        summary, _ = evaluate.evaluate_rows(
-            sampler_model(), tokenizer, eval_rows, template=config.data.template,
-            max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size, grader=grader, timeout=r.grading_timeout)
+        summary, _ = evaluation.evaluate_rows(
+            sampler_model(), tokenizer, eval_rows, template=spec.data.template,
+            max_prompt_len=spec.data.max_prompt_len, max_new_tokens=spec.eval.max_new_tokens,
+            batch_size=spec.eval.batch_size, grader=grader, timeout=r.grading_timeout)
         return {f"eval/{k}": v for k, v in summary.items()}
 
     if not resumed:
-        row = {"step": 0, **(evaluate_now(0) if config.eval.every else {})}
+        row = {"step": 0, **(evaluate_now(0) if spec.eval.every else {})}
         writer.write(0, row)
         rows_out.append(row)
         # Step 0 holds the warm-started policy, so a crash during RL never redoes the warm start.
         checkpoints.save(0, {"params": params, "opt_state": opt_state},
                          {"data": data_iter.get_state(), "counters": counters}, force=True)
-        _console(0, config.steps, row, time.time(), 0, is_chief)
+        _console(0, spec.steps, row, time.time(), 0, is_chief)
 
-    base_key = jax.random.key(config.seed)
+    base_key = jax.random.key(spec.seed)
     started = time.time()
-    for step in range(start + 1, config.steps + 1):
+    for step in range(start + 1, spec.steps + 1):
         t0 = time.time()
         batch = next(data_iter)
         sample = _sample(sampler_model(), batch, jax.random.fold_in(base_key, step), r,
                          eos_ids, pad_id)
         jax.block_until_ready(sample.tokens)
         t_sample = time.time() - t0
-        texts = evaluate.decode_responses(tokenizer, sample.tokens, sample.mask)
+        texts = evaluation.decode_responses(tokenizer, sample.tokens, sample.mask)
         golds = [a for a in batch["answer"] for _ in range(r.num_samples)]
-        graded = distributed.grade_across_hosts(grader, texts, golds, r.grading_timeout)
+        graded = grading.grade_across_hosts(grader, texts, golds, r.grading_timeout)
         t_grade = time.time() - t0 - t_sample
-        scores = np.array([g.score for g in graded], np.float32)
-        if config.debug.inject_nan_step == step:
+        correct = [g.score for g in graded]
+        shaping = spec.reward.shaping
+        scores = np.array(correct if not shaping else rewards_lib.shaped_rewards(
+            correct, texts, to_numpy(sample.lengths), max_length=r.max_new_tokens,
+            format_weight=spec.reward.format_weight,
+            overlong_buffer=spec.reward.overlong_buffer), np.float32)
+        if spec.debug.inject_nan_step == step:
             scores[0] = np.nan  # -> NaN advantages for that group -> non-finite loss
         prompt_ids, prompt_mask = _trim_prompts(batch["prompt_ids"], batch["prompt_mask"])
-        pb, step_metrics = rollout.assemble(
+        pb, step_metrics = train_batch.assemble(
             prompt_ids, prompt_mask, sample, scores, num_samples=r.num_samples, loss_cfg=loss_cfg,
             tables=tables, filter_zero_variance=r.filter_zero_variance_groups, mesh=mesh)
         if r.old_logprobs == "recompute":
-            pb = pb.replace(old_logp=policy_update.batch_logprobs(params, pb, graphdef=graphdef,
+            pb = pb.replace(old_logp=update.batch_logprobs(params, pb, graphdef=graphdef,
                                                                   settings=settings))
         if ref_params is not None:
-            pb = pb.replace(ref_logp=policy_update.batch_logprobs(ref_params, pb, graphdef=graphdef,
+            pb = pb.replace(ref_logp=update.batch_logprobs(ref_params, pb, graphdef=graphdef,
                                                                   settings=settings))
         t_update0 = time.time()
         params, opt_state, loss_parts, bad = _update(params, opt_state, pb, graphdef, optimizer,
-                                                     settings, config, step)
+                                                     settings, spec, step)
         t_update = time.time() - t_update0
         counters["bad_steps_total"] += int(bad > 0)
         counters["bad_steps_in_a_row"] = counters["bad_steps_in_a_row"] + 1 if bad else 0
@@ -162,6 +172,7 @@ def _train(config, workdir: str, mesh) -> list[dict]:
         row = {
             "step": step, **step_metrics, **finalize_metrics(loss_parts),
             **{f"grading/{k}": v for k, v in rewards_lib.reason_counts(graded).items()},
+            **({"reward/correct_mean": float(np.mean(correct))} if shaping else {}),
             "skipped_updates": bad, "bad_steps_total": counters["bad_steps_total"],
             "time/sampling_s": t_sample, "time/grading_s": t_grade, "time/update_s": t_update,
             "time/step_s": time.time() - t0,
@@ -171,14 +182,14 @@ def _train(config, workdir: str, mesh) -> list[dict]:
         if bad and is_chief:
             logging.warning("step %d: %d optimizer step(s) had a non-finite loss or gradient and were "
                             "skipped; metrics: %s", step, bad, json.dumps(row, default=str))
-        if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
+        if spec.eval.every and (step % spec.eval.every == 0 or step == spec.steps):
             row.update(evaluate_now(step))
         writer.write(step, row)
         rows_out.append(row)
-        _console(step, config.steps, row, started, start, is_chief)
+        _console(step, spec.steps, row, started, start, is_chief)
         meta = {"data": data_iter.get_state(), "counters": counters}
         checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta,
-                         force=step == config.steps)
+                         force=step == spec.steps)
         if counters["bad_steps_in_a_row"] >= t.max_bad_steps:
             checkpoints.close()
             raise RuntimeError(
@@ -195,19 +206,19 @@ def _train(config, workdir: str, mesh) -> list[dict]:
     writer.close()
     watcher.restore_handlers()
     if is_chief:
-        from sspo_jax.report import write_report
+        from sspo_jax.train.report import write_report
         write_report(workdir)
     return rows_out
 
 
-def _update(params, opt_state, pb, graphdef, optimizer, settings, config, step):
+def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step):
     """ppo_epochs passes of ppo_mini_batches optimizer steps; returns combined loss metrics."""
-    t = config.train
+    t = spec.train
     parts, bad = [], 0
-    rng = np.random.default_rng([config.seed, step])
+    rng = np.random.default_rng([spec.seed, step])
     for _ in range(t.ppo_epochs):
-        for idx in rollout.minibatch_indices(pb.num_rows, t.ppo_mini_batches, rng):
-            params, opt_state, m, grad_norm, finite = policy_update.update_step(
+        for idx in train_batch.minibatch_indices(pb.num_rows, t.ppo_mini_batches, rng):
+            params, opt_state, m, grad_norm, finite = update.update_step(
                 params, opt_state, pb.rows(idx), graphdef=graphdef, optimizer=optimizer,
                 settings=settings)
             bad += int(not bool(finite))
@@ -226,7 +237,7 @@ def _sample(model, batch, key, r, eos_ids, pad_id):
     outs = []
     for i in range(passes):
         rows = slice(i * per_pass, (i + 1) * per_pass)
-        outs.append(sampling.generate(
+        outs.append(sampler.generate(
             model, ids[rows], mask[rows], key if passes == 1 else jax.random.fold_in(key, i),
             num_samples=r.num_samples, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
             top_p=r.top_p, top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id))
@@ -238,26 +249,27 @@ def _sample(model, batch, key, r, eos_ids, pad_id):
 def _trim_prompts(ids, mask):
     """Drop all-padding columns on the left, keeping a bucketed width (few compiled shapes)."""
     longest = int(np.asarray(mask).sum(axis=1).max())
-    width = min(ids.shape[1], sampling.bucket_length(longest))
+    width = min(ids.shape[1], sampler.bucket_length(longest))
     return ids[:, -width:], mask[:, -width:]
 
 
-def _train_pipeline(config, tokenizer, rows):
+def _train_pipeline(spec, tokenizer, rows):
     from sspo_jax.data.pipeline import PromptPipeline
+
     # Every process reads the same global stream (shard 0 of 1): prompts are small, and the run
     # is then the same whatever the number of processes; each places only its devices' rows.
-    return PromptPipeline(rows, tokenizer, batch_size=config.rollout.prompts_per_step,
-                          max_prompt_len=config.data.max_prompt_len, template=config.data.template,
-                          seed=config.seed, overlong=config.data.long_prompts,
-                          strict=config.data.strict, shard_index=0, shard_count=1)
+    return PromptPipeline(rows, tokenizer, batch_size=spec.rollout.prompts_per_step,
+                          max_prompt_len=spec.data.max_prompt_len, template=spec.data.template,
+                          seed=spec.seed, overlong=spec.data.long_prompts,
+                          strict=spec.data.strict, shard_index=0, shard_count=1)
 
 
-def _warm_start(config, model, tokenizer, rows, is_chief):
-    from sspo_jax.warm_start import encode_examples, warm_start
-    w = config.warm_start
-    examples = encode_examples(rows[:w.examples], tokenizer, template=config.data.template,
-                               prompt_len=config.data.max_prompt_len,
-                               response_len=config.rollout.max_new_tokens)
+def _warm_start(spec, model, tokenizer, rows, is_chief):
+    from sspo_jax.train.warm_start import encode_examples, warm_start
+    w = spec.warm_start
+    examples = encode_examples(rows[:w.examples], tokenizer, template=spec.data.template,
+                               prompt_len=spec.data.max_prompt_len,
+                               response_len=spec.rollout.max_new_tokens)
     t0 = time.time()
 
     def log(step, loss):
@@ -266,29 +278,10 @@ def _warm_start(config, model, tokenizer, rows, is_chief):
                   flush=True)
 
     warm_start(model, examples, steps=w.steps, lr=w.lr, batch_size=w.batch_size,
-               prompt_len=config.data.max_prompt_len, seed=config.seed,
-               chunk=config.train.logprob_chunk, log=log)
+               prompt_len=spec.data.max_prompt_len, seed=spec.seed,
+               chunk=spec.train.logprob_chunk, log=log)
 
 
 def _console(step, total, row, started, first_step, is_chief):
     if is_chief:
         print(metrics_lib.progress_line(step, total, row, started, first_step, CONSOLE_KEYS), flush=True)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize_from_flags()
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == "__main__":
-    # Flags are defined only when run as a program, so other modules (compare) can import this one.
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
-    distributed.define_flags()
-    app.run(main)

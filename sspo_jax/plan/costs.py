@@ -4,9 +4,9 @@
         [--config.mesh.fsdp=4 --config.train.micro_batch_size=16 ...]
 
 Nothing is compiled or allocated: the model's shapes come from its config.json (or the table of
-known hub models in sspo_jax.plan_tables, with the TPU chips, the advice and the report), the
-per-device shares from the same logical-axis rules the trainer shards with (sspo_jax.sharding,
-through sspo_jax.plan_mesh, which also counts the parameters and resolves the mesh),
+known hub models in sspo_jax.plan.tables, with the TPU chips, the advice and the report), the
+per-device shares from the same logical-axis rules the trainer shards with (sspo_jax.parallel,
+through sspo_jax.plan.mesh, which also counts the parameters and resolves the mesh),
 and every figure from the formulas in docs/scaling.md, which also says what each formula
 assumes. The memory is counted per phase of an RL step (sampling,
 training, optimizer update, ...) on top of the state that lives through the whole run; the peak
@@ -16,22 +16,16 @@ temporaries (and may hoist or fuse differently), so treat >= 90% of HBM as not f
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from typing import Any
 
-from absl import app, flags
-from ml_collections import config_flags
-
+from sspo_jax import parallel
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.qwen2 import layer_param_specs
-from sspo_jax.plan_mesh import (  # noqa: F401  (param_count, resolve_mesh, ...: the plan's API)
-    SAMPLER_RULES, MeshPlan, matmul_params, param_arrays, param_count, per_device, resolve_mesh,
-    shard_divisor)
-from sspo_jax.plan_tables import (  # noqa: F401  (CHIPS, KNOWN_MODELS, ...: the plan's API)
-    CHIPS, DECODE_EFFICIENCY, DTYPE_BYTES, FEWER_ROWS, FIT_FRACTION, GIB, KNOWN_MODELS, SHARD_MORE,
-    TRAIN_MFU, Chip, Slice, model_config, parse_slice, problems, report)
-
+from sspo_jax.plan.mesh import (SAMPLER_RULES, MeshPlan, matmul_params, param_arrays, param_count,
+                                per_device, resolve_mesh, shard_divisor)
+from sspo_jax.plan.tables import (DECODE_EFFICIENCY, DTYPE_BYTES, FEWER_ROWS, FIT_FRACTION,
+                                  SHARD_MORE, TRAIN_MFU, Chip, Slice, model_config, problems,
+                                  report)
 
 # ---------------------------------------------------------------- shapes of one RL step
 
@@ -64,7 +58,7 @@ class Shapes:
 
 
 def rollout_shapes(config) -> Shapes:
-    from sspo_jax.sampling import bucket_length  # the sampler pads prompts to this length
+    from sspo_jax.generate.sampler import bucket_length  # the sampler pads prompts to this length
     r = config.rollout
     per_pass = r.get("sample_batch_size", 0) or r.prompts_per_step
     if per_pass < 0 or r.prompts_per_step % per_pass:
@@ -98,7 +92,7 @@ class Model:
         self.t_q, self.t_kv, self.t_mlp = split(self.q), split(self.kv), split(cfg.intermediate_size)
         self.t_heads, self.t_vocab = split(cfg.num_attention_heads), split(cfg.vocab_size)
 
-    def params(self, rules=None) -> float:
+    def params(self, rules=parallel.LOGICAL_RULES) -> float:
         return sum(per_device(axes, shape, self.sizes, rules) for shape, axes in param_arrays(self.cfg))
 
     def gathered_layer(self, matrices_only: bool = False) -> float:
@@ -400,7 +394,7 @@ def step_times(costs: Costs, chip: Chip, devices: int) -> Times:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything the report shows (sspo_jax.plan_tables.report)."""
+    """Everything the report shows (sspo_jax.plan.tables.report)."""
     config: Any
     config_name: str
     slice: Slice
@@ -432,36 +426,3 @@ def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> 
     """The markdown report: setup, memory per item (show_items) and per phase, fit verdict,
     cost model."""
     return report(analyse(config, config_name, slice_), show_items)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config_flag = flags.FLAGS["config"]
-    name = config_flag.config_filename
-    overrides = config_flags.get_override_values(config_flag)
-    if overrides:
-        name += " " + " ".join(f"{k}={v}" for k, v in sorted(_flatten(overrides).items()))
-    try:
-        text = render(config_flag.value, name, parse_slice(_SLICE.value), _ITEMS.value)
-    except ValueError as e:  # a bad slice name, mesh or model: one line, no traceback
-        sys.exit(f"error: {e}")
-    print(text, end="")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-if __name__ == "__main__":
-    # Flags are defined only when run as a program (as in sspo_jax.train).
-    config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
-    _SLICE = flags.DEFINE_string("slice", "v5p-8", "TPU accelerator type: v4-8, v5e-8 "
-                                 "(v5litepod-8), v5p-8, v5p-64, v6e-8, ...")
-    _ITEMS = flags.DEFINE_bool("items", True, "List every memory item (--noitems: phase totals only).")
-    app.run(main)

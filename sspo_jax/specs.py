@@ -1,0 +1,263 @@
+"""The run configuration parsed once into frozen, typed specs, validated in one place.
+
+A config file (ml_collections, `sspo_jax/run_config.py` and `configs/`) is what users write and
+override on the command line; `parse(config)` turns it into a `RunSpec` whose blocks have the
+config's names (`spec.rollout.num_samples` is `--config.rollout.num_samples`), raising a
+ValueError that names the first bad field and the fix, before anything loads or compiles. Each
+helper of the trainer takes only the spec it needs (`build_policy(spec.model, seed, mesh)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from sspo_jax import run_config
+from sspo_jax.rl.losses import LossConfig
+
+
+def _block(cls, cfg, name: str):
+    """`cls` from the config block `name` (a ConfigDict or a dict)."""
+    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"bad config: unknown field(s) {[f'{name}.{k}' for k in unknown]}; "
+                         f"{name} has {sorted(fields)}")
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    hf_dir: str
+    tokenizer_dir: str
+    dtype: str
+    param_dtype: str
+    remat: str
+    tiny: tuple[tuple[str, Any], ...]   # the demo model's Qwen2Config fields (hf_dir == "")
+
+    def __post_init__(self):
+        if isinstance(self.tiny, dict):
+            object.__setattr__(self, "tiny", tuple(sorted(self.tiny.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    source: str
+    path: str
+    problem_field: str
+    answer_field: str
+    template: str
+    max_prompt_len: int
+    long_prompts: str
+    strict: bool
+    synthetic_levels: tuple[int, ...]
+    synthetic_train_size: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "synthetic_levels", tuple(self.synthetic_levels))
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    prompts_per_step: int
+    num_samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    old_logprobs: str
+    grading_timeout: float
+    filter_zero_variance_groups: bool
+    sample_batch_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.prompts_per_step * self.num_samples
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    ppo_mini_batches: int
+    ppo_epochs: int
+    micro_batch_size: int
+    logprob_chunk: int
+    max_bad_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    lr: float
+    schedule: str
+    warmup_steps: int
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    format_weight: float
+    overlong_buffer: int
+
+    @property
+    def shaping(self) -> bool:
+        return bool(self.format_weight or self.overlong_buffer)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    every: int
+    keep: int
+    async_save: bool
+    dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCacheSpec:
+    dir: str
+    min_compile_secs: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    every: int
+    num_prompts: int
+    max_new_tokens: int
+    benchmarks: tuple[str, ...]
+    data_dir: str
+    num_samples: int
+    temperature: float
+    top_p: float
+    batch_size: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartSpec:
+    steps: int
+    lr: float
+    batch_size: int
+    examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    data: int
+    fsdp: int
+    tensor: int
+    dcn_data: int
+    dcn_fsdp: int
+    dcn_tensor: int
+    devices: int
+    sampler_reshard: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugSpec:
+    inject_nan_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    seed: int
+    steps: int
+    model: ModelSpec
+    data: DataSpec
+    rollout: RolloutSpec
+    loss: LossConfig
+    train: TrainSpec
+    optimizer: OptimizerSpec
+    reward: RewardSpec
+    checkpoint: CheckpointSpec
+    compile_cache: CompileCacheSpec
+    eval: EvalSpec
+    warm_start: WarmStartSpec
+    mesh: MeshSpec
+    debug: DebugSpec
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer updates of the whole run (the learning-rate schedule's length)."""
+        return self.steps * self.train.ppo_mini_batches * self.train.ppo_epochs
+
+
+_BLOCKS = {"model": ModelSpec, "data": DataSpec, "rollout": RolloutSpec, "train": TrainSpec,
+           "optimizer": OptimizerSpec, "reward": RewardSpec, "checkpoint": CheckpointSpec,
+           "compile_cache": CompileCacheSpec, "eval": EvalSpec, "warm_start": WarmStartSpec,
+           "mesh": MeshSpec, "debug": DebugSpec}
+
+
+def parse(config, batch_shards: int = 1) -> RunSpec:
+    """The RunSpec of `config`, validated: raises ValueError naming the first bad field.
+
+    batch_shards: how many ways the mesh splits the batch (data x fsdp, `parallel.batch_shards`).
+    """
+    blocks = {name: _block(cls, config[name], name) for name, cls in _BLOCKS.items()}
+    spec = RunSpec(seed=int(config.seed), steps=int(config.steps),
+                   loss=run_config.loss_config(config.loss), **blocks)
+    _validate(spec, batch_shards)
+    return spec
+
+
+def _validate(c: RunSpec, batch_shards: int) -> None:
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"bad config: {msg}")
+
+    need(c.steps >= 1, f"steps={c.steps} must be >= 1")
+    r, t = c.rollout, c.train
+    need(r.num_samples >= 2, f"rollout.num_samples={r.num_samples}: group advantages need >= 2 samples per prompt")
+    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step={r.prompts_per_step} must be >= 1")
+    need(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    need(r.sample_batch_size >= 0 and (r.sample_batch_size == 0 or
+                                        r.prompts_per_step % r.sample_batch_size == 0),
+         f"rollout.sample_batch_size={r.sample_batch_size} must divide rollout.prompts_per_step="
+         f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
+    need(r.old_logprobs in ("sampler", "recompute"),
+         f"rollout.old_logprobs={r.old_logprobs!r}: choose 'sampler' or 'recompute'")
+    rows = r.rows
+    need(t.ppo_mini_batches >= 1 and rows % t.ppo_mini_batches == 0,
+         f"the rollout batch of {rows} rows (prompts_per_step x num_samples) is not divisible "
+         f"into train.ppo_mini_batches={t.ppo_mini_batches} mini-batches")
+    mini = rows // max(t.ppo_mini_batches, 1)
+    need(t.micro_batch_size >= 1 and mini % t.micro_batch_size == 0,
+         f"a mini-batch of {mini} rows is not divisible into micro-batches of "
+         f"train.micro_batch_size={t.micro_batch_size}")
+    need(rows % batch_shards == 0 and t.micro_batch_size % batch_shards == 0,
+         f"the batch is split {batch_shards} ways by the mesh (mesh.data x mesh.fsdp), but the "
+         f"rollout batch has {rows} rows and train.micro_batch_size={t.micro_batch_size}: both "
+         f"must be multiples of {batch_shards} (or change the mesh)")
+    need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    m = c.model
+    need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: float32 or bfloat16")
+    need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}: float32 or bfloat16")
+    if m.hf_dir:
+        need(os.path.isdir(m.hf_dir) or m.hf_dir.count("/") == 1,
+             f"model.hf_dir={m.hf_dir!r} is not a directory (a local Hugging Face checkpoint)")
+    d = c.data
+    need(d.source in ("synthetic", "jsonl", "parquet", "hub"),
+         f"data.source={d.source!r}: choose synthetic, jsonl, parquet or hub")
+    if d.source in ("jsonl", "parquet"):
+        need(bool(d.path) and os.path.exists(d.path),
+             f"data.path={d.path!r} does not exist (data.source={d.source}); for "
+             f"MATH write it with python -m sspo_jax.data.prepare_math --out={d.path}")
+    need(d.long_prompts in ("drop", "truncate"),
+         f"data.long_prompts={d.long_prompts!r}: choose 'drop' or 'truncate'")
+    o = c.optimizer
+    need(o.schedule in ("constant", "cosine"), f"optimizer.schedule={o.schedule!r}: choose 'constant' or 'cosine'")
+    need(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1,
+         "checkpoint.every and checkpoint.keep must be >= 1")
+    need(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 = never)")
+    need(c.reward.format_weight >= 0, f"reward.format_weight={c.reward.format_weight} must be >= 0")
+    need(0 <= c.reward.overlong_buffer <= r.max_new_tokens,
+         f"reward.overlong_buffer={c.reward.overlong_buffer} must be in [0, rollout.max_new_tokens="
+         f"{r.max_new_tokens}] (0 = no overlong penalty)")
+    need(c.compile_cache.min_compile_secs >= 0,
+         f"compile_cache.min_compile_secs={c.compile_cache.min_compile_secs} must be >= 0")

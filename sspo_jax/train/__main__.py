@@ -1,0 +1,36 @@
+"""RL post-training: `python -m sspo_jax.train [--config=configs/FILE.py[:preset]] [--workdir=DIR]`.
+
+With no --config the CPU demo runs (sspo_jax/run_config.py: get_config). Rerunning the same
+command on the same workdir resumes from its newest checkpoint. One RL step:
+
+  prompts -> n samples each (sampler) -> rewards (grading pool) -> group advantages, segment ids
+  and clip bounds on the whole batch -> ppo_mini_batches x ppo_epochs optimizer steps, each
+  accumulated over micro-batches -> metrics -> maybe evaluate / checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sspo_jax import parallel
+from sspo_jax.train.loop import train_and_evaluate
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    parallel.initialize_from_flags()
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "..", "run_config.py"),
+        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
+    parallel.define_flags()
+    app.run(main)
