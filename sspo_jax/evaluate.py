@@ -1,12 +1,9 @@
-"""Accuracy of a policy on benchmarks: greedy pass@1, and avg@k / pass@k when sampling.
-
-    python -m sspo_jax.evaluate --config=configs/FILE.py --workdir=DIR [--step=N]
+"""`python -m sspo_jax.evaluate --config=configs/FILE.py --workdir=DIR [--step=N]`
 
 evaluates the newest checkpoint in DIR/checkpoints (or, when there is none, the configured
 Hugging Face model `model.hf_dir`) on `eval.benchmarks` (default: the synthetic held-out split)
 and writes DIR/eval/<benchmark>.json (every response, extracted answer, score, reason),
-DIR/eval/summary.md and DIR/eval/summary.json. The same prompt pipeline, sampler and grader as
-training, so an evaluation number and a training reward mean the same thing.
+DIR/eval/summary.md and DIR/eval/summary.json (sspo_jax/train/evaluation.py does the work).
 """
 from __future__ import annotations
 

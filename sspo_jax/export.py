@@ -31,7 +31,7 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     run_config.check_workdir(workdir)
-    spec = specs.parse(config)
+    spec = specs.parse(config, training_data=False)
     mesh = parallel.mesh_from_config(spec.mesh)
     with CompileCache(spec.compile_cache, workdir):  # the all-gathers of the weights compile
         tokenizer, model = policy_skeleton(spec.model, mesh)  # filled with the checkpoint's parameters only

@@ -192,19 +192,21 @@ _BLOCKS = {"model": ModelSpec, "data": DataSpec, "rollout": RolloutSpec, "train"
            "mesh": MeshSpec, "debug": DebugSpec}
 
 
-def parse(config, batch_shards: int = 1) -> RunSpec:
+def parse(config, batch_shards: int = 1, *, training_data: bool = True) -> RunSpec:
     """The RunSpec of `config`, validated: raises ValueError naming the first bad field.
 
     batch_shards: how many ways the mesh splits the batch (data x fsdp, `parallel.batch_shards`).
+    training_data: whether the run reads its training data (evaluation and export do not, so
+    they need not find `data.path`).
     """
     blocks = {name: _block(cls, config[name], name) for name, cls in _BLOCKS.items()}
     spec = RunSpec(seed=int(config.seed), steps=int(config.steps),
                    loss=run_config.loss_config(config.loss), **blocks)
-    _validate(spec, batch_shards)
+    _validate(spec, batch_shards, training_data)
     return spec
 
 
-def _validate(c: RunSpec, batch_shards: int) -> None:
+def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
     def need(ok, msg):
         if not ok:
             raise ValueError(f"bad config: {msg}")
@@ -243,7 +245,7 @@ def _validate(c: RunSpec, batch_shards: int) -> None:
     d = c.data
     need(d.source in ("synthetic", "jsonl", "parquet", "hub"),
          f"data.source={d.source!r}: choose synthetic, jsonl, parquet or hub")
-    if d.source in ("jsonl", "parquet"):
+    if training_data and d.source in ("jsonl", "parquet"):
         need(bool(d.path) and os.path.exists(d.path),
              f"data.path={d.path!r} does not exist (data.source={d.source}); for "
              f"MATH write it with python -m sspo_jax.data.prepare_math --out={d.path}")

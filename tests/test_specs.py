@@ -46,3 +46,11 @@ def test_unknown_fields_and_bad_values_are_named():
             specs.parse(c)
     with pytest.raises(ValueError, match="split 3 ways by the mesh"):
         specs.parse(run_config.get_config(), batch_shards=3)
+
+
+def test_evaluation_and_export_parse_without_the_training_data(tmp_path):
+    c = run_config.get_config()
+    c.data.source, c.data.path = "jsonl", str(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="data.path=.*does not exist"):
+        specs.parse(c)
+    assert specs.parse(c, training_data=False).data.path == c.data.path

@@ -6,7 +6,7 @@ preallocated KV cache, repeat every cache row `num_samples` times (the prefill i
 decode one token per step until every row has emitted an EOS or `max_new_tokens` are written.
 
 Logprobs and entropy are those of the full temperature-scaled policy softmax(logits / T) (greedy:
-softmax(logits)), whatever top-k / top-p allow to be drawn: see `sspo_jax.sampling_filters`.
+softmax(logits)), whatever top-k / top-p allow to be drawn: see `sspo_jax.generate.filters`.
 This is what the trainer recomputes from a forward pass over prompt + response.
 
 The model follows the contract in docs/design.md (`m(ids, attention_mask=, cache=)`,

@@ -13,7 +13,7 @@ the trainer and evaluation need around that:
 
 Data: every process reads the same global prompt stream (the prompts are small: 128 prompts of
 1k tokens are 0.5 MB); batches become global arrays with each process feeding only the rows its
-devices hold (`sharding.put_batch`, by `jax.make_array_from_process_local_data`). So a run is
+devices hold (`parallel.put_batch`, by `jax.make_array_from_process_local_data`). So a run is
 identical whatever the number of processes, which the tests check.
 """
 from __future__ import annotations

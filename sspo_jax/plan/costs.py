@@ -60,7 +60,7 @@ class Shapes:
 def rollout_shapes(config) -> Shapes:
     from sspo_jax.generate.sampler import bucket_length  # the sampler pads prompts to this length
     r = config.rollout
-    per_pass = r.get("sample_batch_size", 0) or r.prompts_per_step
+    per_pass = r.sample_batch_size or r.prompts_per_step
     if per_pass < 0 or r.prompts_per_step % per_pass:
         raise ValueError(f"rollout.sample_batch_size={per_pass} must divide rollout.prompts_per_step="
                          f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
@@ -249,7 +249,7 @@ def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
     if kl:
         items.append(Item("state", "KL reference parameters", params, "a second copy of the policy",
                           "loss.kl_beta=0 (no reference policy)"))
-    reshard = config.mesh.get("sampler_reshard", False)
+    reshard = config.mesh.sampler_reshard
     items += _sampler_items(model, "sampling", s.per_pass, s.samples, s.prompt_len, s.new_tokens,
                             reshard, "rollout.sample_batch_size")
     items += _sampler_items(model, "evaluation", e.batch_size, max(1, e.num_samples), s.prompt_len,
@@ -331,7 +331,7 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
     recompute = {"none": 0.0, "full": layers_fwd, "dots_saveable": attn_fwd}[config.model.remat]
     passes = t.ppo_epochs
     forwards = int(config.rollout.old_logprobs == "recompute") + int(loss_config(config.loss).kl_beta > 0)
-    reshard = config.mesh.get("sampler_reshard", False)
+    reshard = config.mesh.sampler_reshard
     # A decode step reads every weight once: the resharded compute-dtype copy, or each device's
     # master shard (cast on the fly) plus, with fsdp > 1, the layers it all-gathers.
     fsdp = mesh.sizes["fsdp"]

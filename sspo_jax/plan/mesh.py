@@ -84,7 +84,7 @@ class MeshPlan:
 def resolve_mesh(mesh_cfg, slice_: Slice) -> MeshPlan:
     """The run's mesh on `slice_`: data/fsdp/tensor within a slice (one may be -1, the rest),
     dcn_* slices along each axis; the same sizes parallel.mesh_from_config builds."""
-    get = mesh_cfg.get
+    get = lambda name, default: getattr(mesh_cfg, name, default)  # noqa: E731  (a spec or a ConfigDict)
     dcn = (get("dcn_data", 1), get("dcn_fsdp", 1), get("dcn_tensor", 1))
     per_slice = get("devices", 0) or slice_.chips
     sizes = [get("data", 1), get("fsdp", -1), get("tensor", 1)]

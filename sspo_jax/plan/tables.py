@@ -111,7 +111,7 @@ KNOWN_MODELS = {
 
 def model_config(config) -> tuple[str, Qwen2Config]:
     """(name, architecture) of `config.model`: a local HF directory's config.json, a known hub
-    id, or (hf_dir "") the demo's tiny model built as policy_bootstrap.build_policy builds it."""
+    id, or (hf_dir "") the demo's tiny model built as train.setup.build_policy builds it."""
     m = config.model
     if m.hf_dir and os.path.isfile(os.path.join(m.hf_dir, "config.json")):
         return m.hf_dir, Qwen2Config.from_hf(m.hf_dir)

@@ -1,12 +1,8 @@
 """Accuracy of a policy on benchmarks: greedy pass@1, and avg@k / pass@k when sampling.
 
-    python -m sspo_jax.evaluate --config=configs/FILE.py --workdir=DIR [--step=N]
-
-evaluates the newest checkpoint in DIR/checkpoints (or, when there is none, the configured
-Hugging Face model `model.hf_dir`) on `eval.benchmarks` (default: the synthetic held-out split)
-and writes DIR/eval/<benchmark>.json (every response, extracted answer, score, reason),
-DIR/eval/summary.md and DIR/eval/summary.json. The same prompt pipeline, sampler and grader as
-training, so an evaluation number and a training reward mean the same thing.
+`evaluate_rows` grades one policy on rows with the same prompt pipeline, sampler and grader as
+training, so an evaluation number and a training reward mean the same thing (the trainer's
+periodic evaluation calls it); `run_evaluation` is the command's library side (sspo_jax/evaluate.py).
 """
 from __future__ import annotations
 
@@ -100,7 +96,7 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     On the config's mesh; with several processes all take part and process 0 writes the files."""
     from sspo_jax import specs
     from sspo_jax.train.compile_cache import CompileCache
-    spec = specs.parse(config)
+    spec = specs.parse(config, training_data=False)
     with CompileCache(spec.compile_cache, workdir):
         return _evaluate(spec, workdir, step)
 

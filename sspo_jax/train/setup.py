@@ -89,7 +89,7 @@ def restore_params(model, checkpoint_dir: str, step: int | None = None) -> int:
 
 
 def abstract_opt_state(optimizer, params):
-    """The optimizer state `policy_update.init_optimizer(optimizer, params)` would make, as
+    """The optimizer state `update.init_optimizer(optimizer, params)` would make, as
     `jax.ShapeDtypeStruct`s with its shardings, computed without allocating it (`params` may be
     abstract): what a resumed run restores the saved state into."""
     from sspo_jax.train.update import optimizer_state_shardings
