@@ -220,6 +220,11 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
                                         r.prompts_per_step % r.sample_batch_size == 0),
          f"rollout.sample_batch_size={r.sample_batch_size} must divide rollout.prompts_per_step="
          f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
+    # The sampler's and grader's values too, so a bad one fails here, not after the warm start.
+    need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0 (0 = greedy)")
+    need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1] (1 = no nucleus filter)")
+    need(r.top_k >= 0, f"rollout.top_k={r.top_k} must be >= 0 (0 = no top-k filter)")
+    need(r.grading_timeout > 0, f"rollout.grading_timeout={r.grading_timeout} must be > 0 seconds")
     need(r.old_logprobs in ("sampler", "recompute"),
          f"rollout.old_logprobs={r.old_logprobs!r}: choose 'sampler' or 'recompute'")
     rows = r.rows
@@ -235,10 +240,13 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
          f"rollout batch has {rows} rows and train.micro_batch_size={t.micro_batch_size}: both "
          f"must be multiples of {batch_shards} (or change the mesh)")
     need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
+    need(t.logprob_chunk >= 1, f"train.logprob_chunk={t.logprob_chunk} must be >= 1")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     m = c.model
     need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: float32 or bfloat16")
     need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}: float32 or bfloat16")
+    from sspo_jax.model import REMAT_POLICIES
+    need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     if m.hf_dir:
         need(os.path.isdir(m.hf_dir) or m.hf_dir.count("/") == 1,
              f"model.hf_dir={m.hf_dir!r} is not a directory (a local Hugging Face checkpoint)")
@@ -251,12 +259,34 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
              f"MATH write it with python -m sspo_jax.data.prepare_math --out={d.path}")
     need(d.long_prompts in ("drop", "truncate"),
          f"data.long_prompts={d.long_prompts!r}: choose 'drop' or 'truncate'")
+    from sspo_jax.data.templates import TEMPLATE_NAMES
+    need(d.template in TEMPLATE_NAMES, f"data.template={d.template!r}: choose one of {TEMPLATE_NAMES}")
+    need(d.max_prompt_len >= 1, f"data.max_prompt_len={d.max_prompt_len} must be >= 1")
     o = c.optimizer
     need(o.schedule in ("constant", "cosine"), f"optimizer.schedule={o.schedule!r}: choose 'constant' or 'cosine'")
     need(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0,
+         f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1) and eps={o.eps} > 0")
+    need(o.warmup_steps >= 0 and o.weight_decay >= 0 and o.grad_clip >= 0,
+         f"optimizer.warmup_steps={o.warmup_steps}, weight_decay={o.weight_decay} and grad_clip="
+         f"{o.grad_clip} must be >= 0 (grad_clip 0 = no clipping)")
     need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1,
          "checkpoint.every and checkpoint.keep must be >= 1")
-    need(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 = never)")
+    e = c.eval
+    need(e.every >= 0, f"eval.every={e.every} must be >= 0 (0 = never)")
+    need(e.num_prompts >= 0 and e.batch_size >= 1 and e.max_new_tokens >= 1,
+         f"eval.num_prompts={e.num_prompts} (>= 0), eval.batch_size={e.batch_size} and "
+         f"eval.max_new_tokens={e.max_new_tokens} (>= 1)")
+    need(e.num_samples >= 1 and (e.num_samples == 1 or e.temperature > 0) and 0 < e.top_p <= 1,
+         f"eval.num_samples={e.num_samples} must be >= 1, sampled (> 1) at eval.temperature="
+         f"{e.temperature} > 0, with eval.top_p={e.top_p} in (0, 1]")
+    from sspo_jax.data.benchmarks import BENCHMARKS
+    unknown = [b for b in e.benchmarks if b not in BENCHMARKS and b != "synthetic"]
+    need(not unknown, f"eval.benchmarks: unknown {unknown}; choose from {sorted(BENCHMARKS)} or 'synthetic'")
+    w = c.warm_start
+    need(w.steps >= 0 and (w.steps == 0 or (w.lr > 0 and 1 <= w.batch_size <= w.examples)),
+         f"warm_start.steps={w.steps} (>= 0) needs lr={w.lr} > 0 and 1 <= batch_size={w.batch_size} "
+         f"<= examples={w.examples}")
     need(c.reward.format_weight >= 0, f"reward.format_weight={c.reward.format_weight} must be >= 0")
     need(0 <= c.reward.overlong_buffer <= r.max_new_tokens,
          f"reward.overlong_buffer={c.reward.overlong_buffer} must be in [0, rollout.max_new_tokens="

@@ -38,7 +38,18 @@ def test_unknown_fields_and_bad_values_are_named():
              ("optimizer", "schedule", "linear", "optimizer.schedule='linear'"),
              ("reward", "overlong_buffer", 10_000, "reward.overlong_buffer=10000"),
              ("compile_cache", "min_compile_secs", -1.0, "compile_cache.min_compile_secs=-1.0"),
-             ("model", "dtype", "float16", "model.dtype='float16'")]
+             ("model", "dtype", "float16", "model.dtype='float16'"),
+             # the sampler's and grader's values, which used to fail only after the warm start
+             ("rollout", "temperature", -1.0, "rollout.temperature=-1.0"),
+             ("rollout", "top_p", 1.5, "rollout.top_p=1.5"),
+             ("rollout", "top_k", -3, "rollout.top_k=-3"),
+             ("rollout", "grading_timeout", 0.0, "rollout.grading_timeout=0.0"),
+             ("model", "remat", "some", "model.remat='some'"),
+             ("data", "template", "chatml", "data.template='chatml'"),
+             ("eval", "benchmarks", ("math5000",), "unknown ['math5000']"),
+             ("eval", "top_p", 0.0, "eval.top_p=0.0"),
+             ("warm_start", "batch_size", 10_000, "batch_size=10000"),
+             ("optimizer", "b2", 1.0, "b2=1.0")]
     for block, field, value, message in cases:
         c = run_config.get_config()
         c[block][field] = value

@@ -111,6 +111,7 @@ def test_nan_step_is_skipped_and_the_run_goes_on(tmp_path):
     ({"data.source": "jsonl", "data.path": "/no/file.jsonl"}, "data.path='/no/file.jsonl'"),
     ({"optimizer.schedule": "linear"}, "optimizer.schedule='linear'"),
     ({"loss.eps_low": 1.5}, "eps_low"),
+    ({"rollout.top_k": -3}, "rollout.top_k=-3"),  # before the warm start, not after it
 ])
 def test_bad_config_fails_before_anything_compiles(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
