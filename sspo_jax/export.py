@@ -25,6 +25,7 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
 
     from sspo_jax import model as model_lib
     from sspo_jax import parallel, run_config, specs
+    from sspo_jax.generate import sampler
     from sspo_jax.train.compile_cache import CompileCache
     from sspo_jax.train.setup import policy_skeleton, restore_params
 
@@ -36,7 +37,10 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
     with CompileCache(spec.compile_cache, workdir):  # the all-gathers of the weights compile
         tokenizer, model = policy_skeleton(spec.model, mesh)  # filled with the checkpoint's parameters only
         step = restore_params(model, run_config.checkpoint_dir(spec, workdir), step)
-        model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype))
+        # Where the sampler stops, the tokenizer's own EOS first (config.json names one id).
+        eos = sorted(sampler.default_eos_ids(tokenizer), key=lambda e: e != tokenizer.eos_token_id)
+        model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype),
+                                  eos_token_ids=eos, pad_token_id=sampler.default_pad_id(tokenizer, eos))
     if parallel.is_chief():
         tokenizer.save_pretrained(out_dir)
         print(f"exported the policy of step {step} to {os.path.abspath(out_dir)}", flush=True)

@@ -13,6 +13,7 @@ from transformers import Qwen2ForCausalLM
 
 from sspo_jax import run_config, specs
 from sspo_jax.data.tokenizer import load_tokenizer
+from sspo_jax.generate import sampler
 from sspo_jax.train.checkpoint import Checkpointer
 from sspo_jax.train.setup import build_policy, run_optimizer
 from sspo_jax.train.update import init_optimizer
@@ -49,3 +50,16 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path
         expected = hf(torch.tensor([ids])).logits.numpy()
     ours = nnx.merge(graphdef, params)(jnp.asarray([ids]))
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+    # transformers' generate stops where the sampler stops; the files are readable by all.
+    eos = sorted(sampler.default_eos_ids(tok), key=lambda e: e != tok.eos_token_id)
+    assert hf.generation_config.eos_token_id == eos and hf.config.eos_token_id == eos[0] == tok.eos_token_id
+    assert hf.config.pad_token_id == hf.generation_config.pad_token_id == sampler.default_pad_id(tok, eos)
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert all(os.stat(out / f).st_mode & 0o777 == 0o644 for f in os.listdir(out))
+    # The sampler stops at an EOS and so does transformers generate: a row forced to pick the
+    # EOS first (its logit raised) ends there in both.
+    with torch.no_grad():
+        hf.lm_head.weight[eos[0]] += 100.0  # every position now prefers the EOS
+        gen = hf.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == len(ids) + 1 and int(gen[0, -1]) == eos[0]

@@ -27,6 +27,7 @@ from tiny_hf import make_qwen2
 
 from sspo_jax import parallel, run_config, specs
 from sspo_jax.data.tokenizer import build_tokenizer
+from sspo_jax.generate import sampler
 
 # A short demo run of the HF model on the pod mesh. A warm start of 3 steps exercises the
 # supervised step on the process-spanning weights too. The compilation cache keeps even these
@@ -128,9 +129,15 @@ def test_hf_checkpoint_on_an_fsdp_mesh_across_two_processes(hf_dir, tmp_path, va
     mp.finish(procs, log("export"))
     assert "exported the policy of step 3" in open(log("export")[0]).read()
 
-    # Plain transformers loads the export and gives the checkpoint's logits.
+    # Plain transformers loads the export and gives the checkpoint's logits; its generate stops
+    # where the sampler stops (generation_config.json), and the files are readable by all.
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    project_tokenizer = build_tokenizer()
+    eos = sorted(sampler.default_eos_ids(project_tokenizer), key=lambda e: e != project_tokenizer.eos_token_id)
+    assert hf.generation_config.eos_token_id == eos and hf.config.eos_token_id == eos[0]
+    assert hf.generation_config.pad_token_id == sampler.default_pad_id(project_tokenizer, eos)
+    assert all(os.stat(out / f).st_mode & 0o777 == 0o644 for f in os.listdir(out))
     # Our model from the same checkpoint, computing in float32 to compare the weights themselves.
     step, ours = mp.restored_policy(mp.config_with({**overrides, "model.dtype": "float32"}), pod)
     assert step == 3

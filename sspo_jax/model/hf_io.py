@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,11 +143,15 @@ def _load_sharded(shape, sharding, slices, transpose: bool, stacked: bool, dtype
 
 
 def save_pretrained(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, dtype: Any = None,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
+                    max_shard_bytes: int = 5 * 2**30, *, eos_token_ids: Sequence[int] = (),
+                    pad_token_id: int | None = None) -> None:
     """Writes config.json + safetensors that transformers loads as Qwen2ForCausalLM.
 
     dtype: on-disk dtype (None: the parameter dtype). Over `max_shard_bytes`, the weights are split
     into model-0000k-of-0000n.safetensors files with a model.safetensors.index.json.
+    eos_token_ids (the tokenizer's EOS first) and pad_token_id, when given, go into config.json
+    and a generation_config.json, so `generate` in transformers stops where the sampler stops.
+    Files are readable by all (0644), like those transformers writes.
     With several JAX processes every process must call it (each tensor is all-gathered); process
     0 writes the files.
     """
@@ -165,8 +169,17 @@ def save_pretrained(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, dtype: 
         return
     os.makedirs(out_dir, exist_ok=True)
     dtype_name = str(next(iter(tensors.values())).dtype)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config.to_hf_dict(dtype_name), f, indent=2)
+    config = model.config.to_hf_dict(dtype_name)
+    if eos_token_ids:
+        config["eos_token_id"] = int(eos_token_ids[0])
+    if pad_token_id is not None:
+        config["pad_token_id"] = int(pad_token_id)
+    written = [_write_json(out_dir, "config.json", config)]
+    if eos_token_ids:
+        generation = {"eos_token_id": [int(e) for e in eos_token_ids],
+                      "bos_token_id": config.get("bos_token_id"),
+                      **({"pad_token_id": int(pad_token_id)} if pad_token_id is not None else {})}
+        written.append(_write_json(out_dir, "generation_config.json", generation))
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -179,12 +192,23 @@ def save_pretrained(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, dtype: 
     metadata = {"format": "pt"}  # transformers refuses safetensors without a known format
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
-        return
-    weight_map = {}
-    for k, shard in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata=metadata)
-        weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
-    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2)
+        written.append(os.path.join(out_dir, SINGLE_FILE))
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata=metadata)
+            written.append(os.path.join(out_dir, fname))
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                 "weight_map": weight_map}
+        written.append(_write_json(out_dir, INDEX_FILE, index))
+    for path in written:  # safetensors creates its files 0600
+        os.chmod(path, 0o644)
+
+
+def _write_json(out_dir: str, name: str, value: dict) -> str:
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+    return path

@@ -24,7 +24,7 @@ def main(argv):
     parallel.initialize_from_flags()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGE.value)
 
 
 if __name__ == "__main__":
@@ -32,5 +32,8 @@ if __name__ == "__main__":
         "config", os.path.join(os.path.dirname(__file__), "..", "run_config.py"),
         "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
+    _ALLOW_CHANGE = flags.DEFINE_bool(
+        "allow_config_change", False, "Resume a run whose config differs only in safe fields "
+        "(steps, eval.*, checkpoint.every/keep/async_save, compile_cache.*); other changes are refused.")
     parallel.define_flags()
     app.run(main)

@@ -9,6 +9,7 @@ command on the same workdir resumes from its newest checkpoint. One RL step:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -28,7 +29,7 @@ from sspo_jax.rl.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.train import checkpoint as ckpt_lib
 from sspo_jax.train import evaluation, grading
 from sspo_jax.train import metrics as metrics_lib
-from sspo_jax.train import update
+from sspo_jax.train import run_record, update
 from sspo_jax.train.compile_cache import CompileCache
 from sspo_jax.train.setup import (abstract_opt_state, build_policy, load_task,
                                   policy_skeleton, run_optimizer, write_run_info)
@@ -38,31 +39,36 @@ CONSOLE_KEYS = (("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval acc", 
                 ("response/length_mean", "len", ".1f"), ("tokens_per_s", "tok/s", ".0f"))
 
 
-def train_and_evaluate(config, workdir: str) -> list[dict]:
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> list[dict]:
     """Runs (or resumes) the configured training; returns the metric rows of this invocation.
 
-    With several JAX processes every process calls this with the same arguments (see
-    sspo_jax/parallel/hosts.py); only process 0 writes logs, metrics and plots.
+    A workdir with checkpoints is resumed only with the config it was started with, or with
+    safe changes when `allow_config_change` (sspo_jax/train/run_record.py). With several JAX
+    processes every process calls this with the same arguments (see sspo_jax/parallel/hosts.py);
+    only process 0 writes logs, metrics and plots, and holds the workdir's lock.
     """
     run_config.check_workdir(workdir)
     mesh = parallel.mesh_from_config(config.mesh)
     spec = specs.parse(config, batch_shards=parallel.batch_shards(mesh))
-    with CompileCache(spec.compile_cache, workdir):
-        return _train(spec, config, workdir, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    lock = run_record.WorkdirLock(workdir) if parallel.is_chief() else contextlib.nullcontext()
+    with lock, CompileCache(spec.compile_cache, workdir):
+        return _train(spec, config, workdir, mesh, allow_config_change)
 
 
-def _train(spec: specs.RunSpec, config, workdir: str, mesh) -> list[dict]:
+def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change: bool) -> list[dict]:
     """The run of `spec`; `config` (the same, as given) only goes into the run record."""
     loss_cfg = spec.loss
     is_chief = parallel.is_chief()
-    os.makedirs(workdir, exist_ok=True)
-    write_run_info(workdir, config, mesh)
     checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(spec, workdir),
                                         save_every=spec.checkpoint.every,
                                         keep=spec.checkpoint.keep,
                                         async_save=spec.checkpoint.async_save)
     start = checkpoints.latest_step()
     resumed = start is not None
+    if resumed:
+        _check_resume(workdir, config, allow_config_change, is_chief)
+    write_run_info(workdir, config, mesh)
     # A resumed run fills an empty skeleton from the checkpoint: no weights are loaded or
     # initialised just to be overwritten.
     tokenizer, model = (policy_skeleton(spec.model, mesh) if resumed
@@ -209,6 +215,27 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh) -> list[dict]:
         from sspo_jax.train.report import write_report
         write_report(workdir)
     return rows_out
+
+
+def _check_resume(workdir, config, allow_changes, is_chief):
+    """Process 0 compares the config with the run record; every process stops if it refuses."""
+    error = None
+    if is_chief:
+        try:
+            changes = run_record.check_resume(workdir, config, allow_changes)
+        except ValueError as e:
+            error = e
+        else:
+            if changes:
+                print("resuming with changed config: " + "; ".join(
+                    f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        refused = multihost_utils.process_allgather(np.array([error is not None], np.int32))
+        if np.asarray(refused).any() and error is None:
+            raise RuntimeError("process 0 refused to resume this workdir with this config: see its log")
+    if error is not None:
+        raise error
 
 
 def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step):

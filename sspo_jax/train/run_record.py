@@ -1,0 +1,126 @@
+"""The workdir's run record, so a rerun resumes the same run or says why it will not.
+
+- `config.json` (written by `setup.write_run_info`) is the config the run was started with.
+  Rerunning in a workdir that holds checkpoints resumes it only with the same config:
+  `config_changes` names every field that differs. Changes in SAFE_CHANGES (more steps, the
+  evaluation, checkpoint and compilation-cache settings) are allowed when asked for
+  (`--allow_config_change`); anything else (the loss, the learning rate, the model, the data,
+  ...) would silently mix two experiments into one run and is refused.
+- `.lock` holds the pid and host of the process training there, so two runs never interleave
+  their metrics in one workdir; a lock left by a process that is gone is taken over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+# Fields (or block prefixes) a resumed run may change: they do not change what the policy
+# learned so far or how it learns.
+SAFE_CHANGES = ("steps", "eval.", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+                "compile_cache.", "debug.")
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(workdir: str, config) -> dict[str, tuple]:
+    """{field: (recorded value, new value)} between the workdir's config.json and `config`
+    (empty when there is no record)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = _flat(json.load(f))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def check_resume(workdir: str, config, allow_changes: bool) -> dict[str, tuple]:
+    """Raises ValueError when `config` may not resume the run in `workdir`; returns the allowed
+    changes."""
+    changes = config_changes(workdir, config)
+    if not changes:
+        return {}
+    unsafe = [k for k in changes if not k.startswith(SAFE_CHANGES)]
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if unsafe:
+        raise ValueError(
+            f"{workdir} holds a run with another config ({listed}). Resuming would mix two "
+            f"experiments: use another --workdir (fields that cannot change on resume: {unsafe})")
+    if not allow_changes:
+        raise ValueError(
+            f"{workdir} holds a run with another config ({listed}); rerun with "
+            f"--allow_config_change to resume it with these changes, or use another --workdir")
+    return changes
+
+
+class WorkdirLock:
+    """Held by the process that trains in `workdir` (process 0 of a multi-process run)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.mine = f"{socket.gethostname()}:{os.getpid()}"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read(self.path)
+                if holder is not None and _alive(holder):
+                    raise RuntimeError(f"another run ({holder}: host:pid) is training in "
+                                       f"{os.path.dirname(self.path)}; wait for it or use another "
+                                       f"--workdir") from None
+                _remove(self.path)  # left by a process that is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine)
+            return
+
+    def release(self) -> None:
+        if _read(self.path) == self.mine:
+            _remove(self.path)
+
+    def __enter__(self) -> "WorkdirLock":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(holder: str) -> bool:
+    """Whether the lock's process still runs (a lock from another host counts as alive: it
+    cannot be checked from here)."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
