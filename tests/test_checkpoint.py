@@ -121,3 +121,45 @@ def test_sigterm_sets_the_flag_instead_of_killing():
         assert watcher.requested()
     finally:
         watcher.restore_handlers()
+
+
+def _corrupt(step_dir, kind):
+    """One way a newest checkpoint breaks: a data file truncated or zeroed, the arrays' manifest
+    or the JSON metadata (the data iterator's state) gone."""
+    data = sorted((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+                  key=lambda p: p.stat().st_size)[-1]
+    if kind == "truncated":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif kind == "zeroed":
+        data.write_bytes(bytes(data.stat().st_size))
+    elif kind == "no_manifest":
+        for p in step_dir.rglob("manifest.ocdbt"):
+            p.unlink()
+    elif kind == "no_metadata":
+        (step_dir / "meta" / "metadata").unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "zeroed", "no_manifest", "no_metadata"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, kind, caplog):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=5, async_save=False)
+    for step in (1, 2, 3):
+        ckpt.save(step, _state(step), meta={"step": step})
+    ckpt.close()
+    _corrupt(tmp_path / "3", kind)
+    again = Checkpointer(tmp_path, save_every=1, keep=5)
+    with caplog.at_level("WARNING"):
+        step, items, meta = again.restore_latest(_state(0))
+    assert step == 2 and meta == {"step": 2}
+    _assert_same(items, _state(2))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint 3" in said and "unreadable" in said and "resuming from checkpoint 2" in said
+    again.close()
+
+
+def test_no_checkpoint_restores_names_every_step(tmp_path):
+    ckpt = Checkpointer(tmp_path, save_every=1, async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.close()
+    _corrupt(tmp_path / "1", "zeroed")
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .* restores \(step 1: "):
+        Checkpointer(tmp_path, save_every=1).restore_latest(_state(0))

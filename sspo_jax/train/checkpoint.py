@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as log
 from etils import epath
 
 from sspo_jax.parallel import abstract
@@ -109,6 +110,34 @@ class Checkpointer:
             **args, **{META: ocp.args.JsonRestore()}))
         return {name: restored[name] for name in abstract_items}, dict(restored[META] or {})
 
+    def restore_latest(self, abstract_items: dict[str, Any]) -> tuple[int, dict, dict]:
+        """(step, items, meta) of the newest checkpoint that restores; a newer one that does not
+        (a truncated or zeroed data file, a missing manifest or metadata) is skipped with a
+        warning that says which and why. Every process agrees on the step. Raises when none
+        restores, naming each step's error."""
+        failures = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                items, meta = self.restore(abstract_items, step)
+                error = None
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                items, meta, error = None, None, e
+            if _any_process(error is not None):
+                failures.append((step, error))
+                reason = "another process could not read it" if error is None else _first_line(error)
+                log.warning("checkpoint %d in %s is unreadable (%s); trying the one before",
+                            step, self.directory, reason)
+                continue
+            if failures:
+                log.warning("resuming from checkpoint %d: the newer ones %s did not restore",
+                            step, [s for s, _ in failures])
+            return step, items, meta
+        if not failures:
+            raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        listed = "; ".join(f"step {s}: {_first_line(e) if e else 'unreadable on another process'}"
+                           for s, e in failures)
+        raise RuntimeError(f"no checkpoint in {self.directory} restores ({listed})")
+
     def wait(self) -> None:
         """Blocks until any background save has finished."""
         self._manager.wait_until_finished()
@@ -116,6 +145,20 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (all processes call it together)."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([flag], np.int32))).any())
 
 
 class PreemptionWatcher:

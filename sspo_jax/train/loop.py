@@ -89,8 +89,9 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
     if resumed:
         graphdef, params = nnx.split(model)
-        items, meta = checkpoints.restore({"params": params,
-                                           "opt_state": abstract_opt_state(optimizer, params)})
+        # The newest checkpoint that restores (a corrupt newer one is skipped, with a warning).
+        start, items, meta = checkpoints.restore_latest(
+            {"params": params, "opt_state": abstract_opt_state(optimizer, params)})
         params, opt_state = items["params"], items["opt_state"]
         data_iter.set_state(meta["data"])
         counters = meta["counters"]

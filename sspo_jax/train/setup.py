@@ -77,11 +77,14 @@ def restore_params(model, checkpoint_dir: str, step: int | None = None) -> int:
     from sspo_jax.train.checkpoint import Checkpointer
     ckpt = Checkpointer(checkpoint_dir, save_every=1, create=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: train first, or evaluate "
                                     f"a Hugging Face directory with --config.model.hf_dir")
-        items, _ = ckpt.restore({"params": parallel.abstract(nnx.state(model))}, step=step)
+        wanted = {"params": parallel.abstract(nnx.state(model))}
+        if step is None:  # the newest that restores
+            step, items, _ = ckpt.restore_latest(wanted)
+        else:
+            items, _ = ckpt.restore(wanted, step=step)
     finally:
         ckpt.close()
     nnx.update(model, items["params"])
