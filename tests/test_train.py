@@ -96,6 +96,7 @@ def test_nan_step_is_skipped_and_the_run_goes_on(tmp_path):
     assert by_step[3]["bad_steps_total"] == 1
     for name in ("metrics.jsonl", "config.json", "run_info.json", "summary.md", "curves.png"):
         assert os.path.exists(tmp_path / name), name
+    assert "finished: step 3 of 3" in (tmp_path / "summary.md").read_text()
     assert os.listdir(tmp_path / "tensorboard")
     info = json.load(open(tmp_path / "run_info.json"))
     assert info["versions"]["jax"] and info["devices"]
@@ -155,6 +156,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "SIGTERM: saved the checkpoint of step" in err
     from sspo_jax.train.checkpoint import Checkpointer
     assert Checkpointer(tmp_path / "checkpoints", save_every=1).latest_step() == last
+    # The report says where the run stopped, not that it finished.
+    assert f"stopped at step {last} of 50 (SIGTERM)" in (tmp_path / "summary.md").read_text()
 
 
 def test_sampling_in_passes_gives_the_rows_of_one_call():

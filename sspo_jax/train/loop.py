@@ -214,7 +214,10 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     watcher.restore_handlers()
     if is_chief:
         from sspo_jax.train.report import write_report
-        write_report(workdir)
+        last = rows_out[-1]["step"] if rows_out else start
+        status = (f"finished: step {last} of {spec.steps}" if last >= spec.steps else
+                  f"stopped at step {last} of {spec.steps} (SIGTERM); rerun the same command to resume")
+        write_report(workdir, status=status)
     return rows_out
 
 

@@ -35,13 +35,17 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def write_report(workdir: str, title: str = "") -> dict:
-    """Writes summary.md and curves.png into `workdir`; returns the summary dict."""
+def write_report(workdir: str, title: str = "", status: str = "") -> dict:
+    """Writes summary.md (with `status`, e.g. where the run stopped, under the title) and
+    curves.png into `workdir`; returns the summary dict."""
     rows = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.JSONL_NAME))
     summary = summarize(rows)
     table = metrics_lib.markdown_table(["metric", "value"], [[k, v] for k, v in summary.items()])
+    heading = f"# {title or os.path.basename(os.path.abspath(workdir))}\n\n" + (f"{status}\n\n" if status else "")
     with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(f"# {title or os.path.basename(os.path.abspath(workdir))}\n\n{table}\n")
+        f.write(f"{heading}{table}\n")
+    if status:
+        print(status, flush=True)
     print(table, flush=True)
     metrics_lib.plot_curves({title or "run": rows}, PLOT_KEYS, os.path.join(workdir, "curves.png"),
                             title=title)
