@@ -8,7 +8,9 @@ import sys
 import pytest
 from test_train import tiny_config
 
-from sspo_jax.train import loop, metrics as metrics_lib, run_record
+from sspo_jax.train import loop
+from sspo_jax.train import metrics as metrics_lib
+from sspo_jax.train import run_record
 
 RUN = {"steps": 1, "eval.every": 0, "warm_start.steps": 0}
 

@@ -107,7 +107,8 @@ def _evaluate(spec, workdir: str, step: int | None) -> dict:
     from sspo_jax.run_config import check_workdir, checkpoint_dir
     from sspo_jax.train import metrics as metrics_lib
     from sspo_jax.train.checkpoint import Checkpointer
-    from sspo_jax.train.setup import build_policy, eval_rows, policy_skeleton, restore_params
+    from sspo_jax.train.setup import (build_policy, eval_rows, load_task, policy_skeleton,
+                                      restore_params)
 
     e = spec.eval
     check_workdir(workdir)
@@ -127,8 +128,12 @@ def _evaluate(spec, workdir: str, step: int | None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}
     with rewards_lib.Grader() as grader:
-        for name in (e.benchmarks or ("synthetic",)):
-            rows = eval_rows(spec.eval, spec.data, spec.seed, name)
+        # No benchmarks: the synthetic task's held-out split, or the one training held out of a
+        # user's own data (the same rows: load_task draws them with the seed).
+        own = spec.data.source != "synthetic" and not e.benchmarks
+        for name in (e.benchmarks or ("held_out" if own else "synthetic",)):
+            rows = (load_task(spec.data, spec.eval, spec.seed)[1] if name == "held_out"
+                    else eval_rows(spec.eval, spec.data, spec.seed, name))
             common = dict(template=spec.data.template, max_prompt_len=spec.data.max_prompt_len,
                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, grader=grader,
                           timeout=spec.rollout.grading_timeout)

@@ -73,12 +73,18 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     # initialised just to be overwritten.
     tokenizer, model = (policy_skeleton(spec.model, mesh) if resumed
                         else build_policy(spec.model, spec.seed, mesh))
-    train_rows, eval_rows = load_task(spec.data, spec.eval, spec.seed)
+    train_rows, eval_rows, data_counts = load_task(spec.data, spec.eval, spec.seed)
     tables = train_batch.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
     eos_ids = sampler.default_eos_ids(tokenizer)
     pad_id = sampler.default_pad_id(tokenizer, eos_ids)
     pipeline = _train_pipeline(spec, tokenizer, train_rows)
     data_iter = pipeline.iterator()
+    # Every row read, skipped (by reason), held out or dropped as too long: said up front, and
+    # logged with step 0.
+    data_counts = {**data_counts, **{k: v for k, v in pipeline.stats.items() if k not in data_counts}}
+    if is_chief and spec.data.source != "synthetic":
+        print(f"data: {spec.data.path}: " + ", ".join(f"{k} {v}" for k, v in data_counts.items() if v),
+              flush=True)
     r, t = spec.rollout, spec.train
     optimizer = run_optimizer(spec.optimizer, spec.optimizer_steps)
     settings = update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
@@ -99,8 +105,13 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
             print(f"resumed from the checkpoint of step {start} in {checkpoints.directory}", flush=True)
     else:
         start = 0
-        if spec.warm_start.steps:  # the tiny model on one device; an HF model on the mesh
+        # The warm start fits the synthetic task's worked solutions (the tiny model on one
+        # device; an HF model on the mesh); a user's own data has none, so it is not used there.
+        if spec.warm_start.steps and spec.data.source == "synthetic":
             _warm_start(spec, model, tokenizer, train_rows, is_chief)
+        elif spec.warm_start.steps and is_chief:
+            print(f"warm start skipped: it fits the synthetic task's worked solutions, and "
+                  f"data.source={spec.data.source} has none", flush=True)
         parallel.shard_model(model, mesh)  # a no-op for a model loaded onto the mesh
         graphdef, params = nnx.split(model)
         opt_state = update.init_optimizer(optimizer, params)
@@ -130,7 +141,8 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         return {f"eval/{k}": v for k, v in summary.items()}
 
     if not resumed:
-        row = {"step": 0, **(evaluate_now(0) if spec.eval.every else {})}
+        row = {"step": 0, **{f"data/{k}": v for k, v in data_counts.items()},
+               **(evaluate_now(0) if spec.eval.every else {})}
         writer.write(0, row)
         rows_out.append(row)
         # Step 0 holds the warm-started policy, so a crash during RL never redoes the warm start.

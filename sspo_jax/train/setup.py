@@ -122,18 +122,37 @@ def eval_rows(e: EvalSpec, d: DataSpec, seed: int, name: str) -> list[dict]:
     return load_benchmark(name, e.data_dir)
 
 
-def load_task(d: DataSpec, e: EvalSpec, seed: int) -> tuple[list[dict] | str, list[dict]]:
-    """(training source, evaluation rows). The training source is a list of rows (synthetic) or
-    a path / `hf:` name the prompt pipeline reads; evaluation rows are the synthetic held-out
-    split, or the configured benchmarks."""
+def load_task(d: DataSpec, e: EvalSpec, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """(training rows, evaluation rows, data counts).
+
+    Synthetic: the task's train split and held-out split. A user's own data (jsonl, parquet or a
+    hub dataset, read with `data.problem_field` / `data.answer_field`): all its rows, skipped
+    rows counted; evaluated on `eval.benchmarks`, or, when there are none, on a held-out split of
+    the same data (`eval.num_prompts` rows, at most a fifth of them, drawn with the seed and
+    taken out of training). `counts` has the rows read, skipped (by reason) and held out."""
     if d.source == "synthetic":
         from sspo_jax.data import synthetic
         train = synthetic.generate(d.synthetic_train_size, split="train", levels=d.synthetic_levels,
                                    seed=seed)
-        return train, eval_rows(e, d, seed, "synthetic")
+        return train, eval_rows(e, d, seed, "synthetic"), {"rows_read": len(train)}
+    import numpy as np
+
+    from sspo_jax.data.sources import FieldMap, load_rows
     source = d.path if d.source != "hub" else f"hf:{d.path}"
-    rows = [row for name in e.benchmarks for row in eval_rows(e, d, seed, name)]
-    return source, rows[: e.num_prompts] if e.num_prompts else rows
+    fields = FieldMap(problem=(d.problem_field,), answer=(d.answer_field,))
+    rows, counts = load_rows(source, fields, strict=d.strict)
+    if e.benchmarks:
+        held = [row for name in e.benchmarks for row in eval_rows(e, d, seed, name)]
+        return rows, (held[: e.num_prompts] if e.num_prompts else held), counts
+    n_eval = min(e.num_prompts or len(rows), len(rows) // 5)
+    if n_eval < 1:
+        raise ValueError(f"data.path={d.path!r} has {len(rows)} usable rows: too few to hold some out "
+                         f"for evaluation; name eval.benchmarks, or set eval.every=0")
+    order = np.random.default_rng([seed, 7]).permutation(len(rows))
+    held = set(order[:n_eval].tolist())
+    counts["held_out_for_eval"] = n_eval
+    return ([r for i, r in enumerate(rows) if i not in held],
+            [r for i, r in enumerate(rows) if i in held], counts)
 
 
 def write_run_info(workdir: str, config, mesh=None) -> None:
