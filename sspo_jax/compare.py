@@ -47,7 +47,8 @@ def stability(rows: list[dict]) -> dict:
             "entropy_last": ents[-1] if ents else float("nan")}
 
 
-def run_comparison(config, workdir: str, objectives=DEFAULT_OBJECTIVES) -> dict:
+def run_comparison(config, workdir: str, objectives=DEFAULT_OBJECTIVES,
+                   allow_config_change: bool = False) -> dict:
     """Trains each objective from the shared warm start; returns {objective: summary}."""
     from sspo_jax.train import loop
 
@@ -60,7 +61,7 @@ def run_comparison(config, workdir: str, objectives=DEFAULT_OBJECTIVES) -> dict:
         if first_dir is not None and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
             seed_from_warm_start(first_dir, run_dir)
         print(f"=== {name} ===", flush=True)
-        loop.train_and_evaluate(cfg, run_dir)
+        loop.train_and_evaluate(cfg, run_dir, allow_config_change)
         first_dir = first_dir or run_dir
         runs[name] = metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.JSONL_NAME))
         summaries[name] = {**report.summarize(runs[name]), **stability(runs[name])}
@@ -87,7 +88,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    run_comparison(_CONFIG.value, _WORKDIR.value, tuple(_OBJECTIVES.value))
+    run_comparison(_CONFIG.value, _WORKDIR.value, tuple(_OBJECTIVES.value), _ALLOW_CHANGE.value)
 
 
 if __name__ == "__main__":
@@ -96,4 +97,6 @@ if __name__ == "__main__":
         "Config file; its loss.name is replaced by each objective in turn.", lock_config=False)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "One sub-directory per objective.")
     _OBJECTIVES = flags.DEFINE_list("objectives", list(DEFAULT_OBJECTIVES), "Loss presets to compare.")
+    _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume the runs with safe "
+                                      "config changes (e.g. more steps), as sspo_jax.train does.")
     app.run(main)

@@ -40,11 +40,17 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
         # Where the sampler stops, the tokenizer's own EOS first (config.json names one id).
         eos = sorted(sampler.default_eos_ids(tokenizer), key=lambda e: e != tokenizer.eos_token_id)
         model_lib.save_pretrained(model, out_dir, dtype=None if dtype is None else jnp.dtype(dtype),
-                                  eos_token_ids=eos, pad_token_id=sampler.default_pad_id(tokenizer, eos))
+                                  eos_token_ids=eos, pad_token_id=_pad_id(tokenizer, eos))
     if parallel.is_chief():
         tokenizer.save_pretrained(out_dir)
         print(f"exported the policy of step {step} to {os.path.abspath(out_dir)}", flush=True)
     return step
+
+
+def _pad_id(tokenizer, eos) -> int:
+    """transformers pads finished rows with the pad id: the tokenizer's own (Qwen's is an EOS,
+    which transformers allows), else the first EOS; never a visible token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
 def main(argv):

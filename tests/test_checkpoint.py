@@ -153,6 +153,11 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     _assert_same(items, _state(2))
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint 3" in said and "unreadable" in said and "resuming from checkpoint 2" in said
+    # Moved aside (kept for a look), so the resumed run can save its step 3 again.
+    assert (tmp_path / "3.unreadable").is_dir() and again.all_steps() == [1, 2]
+    assert again.save(3, _state(5), meta={"step": 3}, force=True)
+    again.wait()
+    _assert_same(again.restore(_state(0), step=3)[0], _state(5))
     again.close()
 
 

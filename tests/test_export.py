@@ -53,7 +53,7 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path
     # transformers' generate stops where the sampler stops; the files are readable by all.
     eos = sorted(sampler.default_eos_ids(tok), key=lambda e: e != tok.eos_token_id)
     assert hf.generation_config.eos_token_id == eos and hf.config.eos_token_id == eos[0] == tok.eos_token_id
-    assert hf.config.pad_token_id == hf.generation_config.pad_token_id == sampler.default_pad_id(tok, eos)
+    assert hf.config.pad_token_id == hf.generation_config.pad_token_id == tok.pad_token_id
     assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "generation_config.json",
                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert all(os.stat(out / f).st_mode & 0o777 == 0o644 for f in os.listdir(out))

@@ -136,7 +136,7 @@ def test_hf_checkpoint_on_an_fsdp_mesh_across_two_processes(hf_dir, tmp_path, va
     project_tokenizer = build_tokenizer()
     eos = sorted(sampler.default_eos_ids(project_tokenizer), key=lambda e: e != project_tokenizer.eos_token_id)
     assert hf.generation_config.eos_token_id == eos and hf.config.eos_token_id == eos[0]
-    assert hf.generation_config.pad_token_id == sampler.default_pad_id(project_tokenizer, eos)
+    assert hf.generation_config.pad_token_id == project_tokenizer.pad_token_id
     assert all(os.stat(out / f).st_mode & 0o777 == 0o644 for f in os.listdir(out))
     # Our model from the same checkpoint, computing in float32 to compare the weights themselves.
     step, ours = mp.restored_policy(mp.config_with({**overrides, "model.dtype": "float32"}), pod)

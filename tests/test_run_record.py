@@ -37,15 +37,34 @@ def test_resume_refuses_another_loss_and_allows_more_steps_when_asked(tmp_path):
 
 
 def test_a_workdir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path):
-    live = run_record.WorkdirLock(str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"another run \(.*:%d: host:pid\) is training" % os.getpid()):
+    lock_file = tmp_path / run_record.LOCK_FILE
+    host = socket.gethostname()
+    # Another live process (here: pytest's parent) holds the workdir.
+    lock_file.write_text(f"{host}:{os.getppid()}")
+    with pytest.raises(RuntimeError, match=r"another run \(.*:%d: host:pid\) is training.*delete" % os.getppid()):
         run_record.WorkdirLock(str(tmp_path))
-    live.release()
-    assert not os.path.exists(tmp_path / run_record.LOCK_FILE)
-    # A lock left by a process that is gone (killed with SIGKILL) is taken over.
+    assert lock_file.read_text() == f"{host}:{os.getppid()}"  # left alone
+    # A lock left by a process that is gone (killed with SIGKILL), or by this very pid (a
+    # restarted container), is taken over; the lock is released on exit.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    (tmp_path / run_record.LOCK_FILE).write_text(f"{socket.gethostname()}:{dead}")
-    with run_record.WorkdirLock(str(tmp_path)) as lock:
-        assert (tmp_path / run_record.LOCK_FILE).read_text() == lock.mine
-    assert not os.path.exists(tmp_path / run_record.LOCK_FILE)
+    for stale in (dead, str(os.getpid())):
+        lock_file.write_text(f"{host}:{stale}")
+        with run_record.WorkdirLock(str(tmp_path)) as lock:
+            assert lock_file.read_text() == lock.mine == f"{host}:{os.getpid()}"
+        assert not lock_file.exists()
+
+
+def test_which_changes_are_safe_depends_on_where_the_evaluation_rows_come_from(tmp_path):
+    own = tiny_config(**{"data.source": "jsonl", "data.path": "mine.jsonl"})
+    (tmp_path / run_record.CONFIG_FILE).write_text(own.to_json_best_effort())
+    assert run_record.check_resume(str(tmp_path), own, allow_changes=False) == {}
+    more_eval = tiny_config(**{"data.source": "jsonl", "data.path": "mine.jsonl", "eval.num_prompts": 4})
+    # The held-out rows come out of the training data: changing how many changes training.
+    with pytest.raises(ValueError, match=r"cannot change on resume: \['eval.num_prompts'\]"):
+        run_record.check_resume(str(tmp_path), more_eval, allow_changes=True)
+    synthetic = tiny_config()
+    (tmp_path / run_record.CONFIG_FILE).write_text(synthetic.to_json_best_effort())
+    changed = tiny_config(**{"eval.num_prompts": 4, "steps": 9})
+    assert run_record.check_resume(str(tmp_path), changed, allow_changes=True) == {
+        "eval.num_prompts": (8, 4), "steps": (4, 9)}

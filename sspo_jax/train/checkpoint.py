@@ -14,6 +14,7 @@ state is never lost, at worst the steps since the last save are redone.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -113,30 +114,72 @@ class Checkpointer:
     def restore_latest(self, abstract_items: dict[str, Any]) -> tuple[int, dict, dict]:
         """(step, items, meta) of the newest checkpoint that restores; a newer one that does not
         (a truncated or zeroed data file, a missing manifest or metadata) is skipped with a
-        warning that says which and why. Every process agrees on the step. Raises when none
-        restores, naming each step's error."""
+        warning that says which and why, and moved aside (`<step>.unreadable`, kept for a look)
+        so that the step can be saved again. Raises when none restores, naming each step's
+        error; a checkpoint of other shapes (a changed model) fails on every step, so it raises.
+
+        With several processes they first agree, from checks of the files that need no
+        collective (the metadata and manifests each process can read), on the newest complete
+        step, and restore only that one: a data file that is present but unreadable then stops
+        the run with its error (an orbax restore is collective, so it cannot be retried on one
+        process alone); move that step aside and rerun."""
         failures = []
+        multi = jax.process_count() > 1
         for step in sorted(self.all_steps(), reverse=True):
-            try:
-                items, meta = self.restore(abstract_items, step)
-                error = None
-            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-                items, meta, error = None, None, e
-            if _any_process(error is not None):
-                failures.append((step, error))
-                reason = "another process could not read it" if error is None else _first_line(error)
-                log.warning("checkpoint %d in %s is unreadable (%s); trying the one before",
-                            step, self.directory, reason)
+            problem = self._missing_files(step, abstract_items)
+            if _any_process(problem is not None):
+                failures.append((step, problem or "incomplete on another process"))
                 continue
+            if multi:
+                items, meta = self.restore(abstract_items, step)
+            else:
+                try:
+                    items, meta = self.restore(abstract_items, step)
+                except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                    failures.append((step, _first_line(e)))
+                    continue
+            for bad, why in failures:
+                log.warning("checkpoint %d in %s is unreadable (%s): moved aside", bad,
+                            self.directory, why)
+                self._move_aside(bad)
             if failures:
-                log.warning("resuming from checkpoint %d: the newer ones %s did not restore",
-                            step, [s for s, _ in failures])
+                log.warning("resuming from checkpoint %d, the newest that restores", step)
             return step, items, meta
         if not failures:
             raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        listed = "; ".join(f"step {s}: {_first_line(e) if e else 'unreadable on another process'}"
-                           for s, e in failures)
+        listed = "; ".join(f"step {s}: {why}" for s, why in failures)
         raise RuntimeError(f"no checkpoint in {self.directory} restores ({listed})")
+
+    def _missing_files(self, step: int, abstract_items: dict[str, Any]) -> str | None:
+        """Why checkpoint `step` is visibly incomplete (a missing or unparsable metadata file or
+        manifest of an item), or None."""
+        step_dir = epath.Path(self.directory) / str(step)
+        needed = [(name, ("_METADATA", "manifest.ocdbt")) for name in abstract_items]
+        for name, files in needed + [(META, ("metadata",))]:
+            for f in files:
+                path = step_dir / name / f
+                if not path.exists():
+                    return f"{name}/{f} is missing"
+                if f != "manifest.ocdbt":
+                    try:
+                        json.loads(path.read_text())
+                    except ValueError as e:
+                        return f"{name}/{f} is not JSON ({e})"
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        """Process 0 renames the step's directory; then every process forgets the step."""
+        if jax.process_index() == 0:
+            path = epath.Path(self.directory) / str(step)
+            try:
+                path.rename(path.parent / f"{step}.unreadable")
+            except OSError as e:
+                log.warning("could not move %s aside (%s): remove it by hand, or its step cannot "
+                            "be saved again", path, e)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"sspo_jax: checkpoint {step} moved aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until any background save has finished."""

@@ -51,7 +51,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     mesh = parallel.mesh_from_config(config.mesh)
     spec = specs.parse(config, batch_shards=parallel.batch_shards(mesh))
     os.makedirs(workdir, exist_ok=True)
-    lock = run_record.WorkdirLock(workdir) if parallel.is_chief() else contextlib.nullcontext()
+    lock = _lock_workdir(workdir)
     with lock, CompileCache(spec.compile_cache, workdir):
         return _train(spec, config, workdir, mesh, allow_config_change)
 
@@ -233,6 +233,29 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     return rows_out
 
 
+def _lock_workdir(workdir):
+    """Process 0 takes the workdir's lock; if it cannot, every process stops (not only it)."""
+    lock, error = contextlib.nullcontext(), None
+    if parallel.is_chief():
+        try:
+            lock = run_record.WorkdirLock(workdir)
+        except RuntimeError as e:
+            error = e
+    _stop_everywhere(error, "process 0 could not lock the workdir: see its log")
+    return lock
+
+
+def _stop_everywhere(error, message):
+    """Raises `error` on the process that has it and `message` on every other one."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        refused = multihost_utils.process_allgather(np.array([error is not None], np.int32))
+        if np.asarray(refused).any() and error is None:
+            raise RuntimeError(message)
+    if error is not None:
+        raise error
+
+
 def _check_resume(workdir, config, allow_changes, is_chief):
     """Process 0 compares the config with the run record; every process stops if it refuses."""
     error = None
@@ -245,13 +268,7 @@ def _check_resume(workdir, config, allow_changes, is_chief):
             if changes:
                 print("resuming with changed config: " + "; ".join(
                     f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        refused = multihost_utils.process_allgather(np.array([error is not None], np.int32))
-        if np.asarray(refused).any() and error is None:
-            raise RuntimeError("process 0 refused to resume this workdir with this config: see its log")
-    if error is not None:
-        raise error
+    _stop_everywhere(error, "process 0 refused to resume this workdir with this config: see its log")
 
 
 def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step):

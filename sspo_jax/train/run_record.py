@@ -51,7 +51,9 @@ def check_resume(workdir: str, config, allow_changes: bool) -> dict[str, tuple]:
     changes = config_changes(workdir, config)
     if not changes:
         return {}
-    unsafe = [k for k in changes if not k.startswith(SAFE_CHANGES)]
+    held_out = config.data.source != "synthetic" and not config.eval.benchmarks
+    unsafe = [k for k in changes if not k.startswith(SAFE_CHANGES)
+              or (held_out and k in ("eval.num_prompts", "eval.benchmarks"))]
     listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
     if unsafe:
         raise ValueError(
@@ -75,10 +77,15 @@ class WorkdirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read(self.path)
+                if holder is None and _age(self.path) < 10:
+                    holder = "a process that is writing it"  # created an instant ago
+                elif holder == self.mine:
+                    holder = None  # our own pid: a restarted container's old lock
                 if holder is not None and _alive(holder):
-                    raise RuntimeError(f"another run ({holder}: host:pid) is training in "
-                                       f"{os.path.dirname(self.path)}; wait for it or use another "
-                                       f"--workdir") from None
+                    raise RuntimeError(
+                        f"another run ({holder}: host:pid) is training in "
+                        f"{os.path.dirname(self.path)}; wait for it or use another --workdir (if "
+                        f"no run is there, delete {self.path})") from None
                 _remove(self.path)  # left by a process that is gone
                 continue
             with os.fdopen(fd, "w") as f:
@@ -104,6 +111,14 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _age(path: str) -> float:
+    import time
+    try:
+        return time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return float("inf")
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -114,6 +129,8 @@ def _remove(path: str) -> None:
 def _alive(holder: str) -> bool:
     """Whether the lock's process still runs (a lock from another host counts as alive: it
     cannot be checked from here)."""
+    if ":" not in holder:
+        return True  # "a process that is writing it"
     host, _, pid = holder.rpartition(":")
     if host != socket.gethostname():
         return True

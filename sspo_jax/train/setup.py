@@ -139,7 +139,9 @@ def load_task(d: DataSpec, e: EvalSpec, seed: int) -> tuple[list[dict], list[dic
 
     from sspo_jax.data.sources import FieldMap, load_rows
     source = d.path if d.source != "hub" else f"hf:{d.path}"
-    fields = FieldMap(problem=(d.problem_field,), answer=(d.answer_field,))
+    # The default field names keep their usual alternatives ("question" for GSM8K-style files).
+    fields = FieldMap(problem=FieldMap().problem if d.problem_field == "problem" else (d.problem_field,),
+                      answer=FieldMap().answer if d.answer_field == "answer" else (d.answer_field,))
     rows, counts = load_rows(source, fields, strict=d.strict)
     if e.benchmarks:
         held = [row for name in e.benchmarks for row in eval_rows(e, d, seed, name)]
@@ -147,7 +149,7 @@ def load_task(d: DataSpec, e: EvalSpec, seed: int) -> tuple[list[dict], list[dic
     n_eval = min(e.num_prompts or len(rows), len(rows) // 5)
     if n_eval < 1:
         raise ValueError(f"data.path={d.path!r} has {len(rows)} usable rows: too few to hold some out "
-                         f"for evaluation; name eval.benchmarks, or set eval.every=0")
+                         f"for evaluation (a fifth of them); name eval.benchmarks instead")
     order = np.random.default_rng([seed, 7]).permutation(len(rows))
     held = set(order[:n_eval].tolist())
     counts["held_out_for_eval"] = n_eval
