@@ -8,11 +8,13 @@ table) and DIR/compare.png (the curves side by side).
 """
 from __future__ import annotations
 
+from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
+
 import math
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from sspo_jax.train import metrics as metrics_lib
@@ -86,8 +88,7 @@ def write_comparison(workdir: str, runs: dict, summaries: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()
     run_comparison(_CONFIG.value, _WORKDIR.value, tuple(_OBJECTIVES.value), _ALLOW_CHANGE.value)
 
 
@@ -99,4 +100,4 @@ if __name__ == "__main__":
     _OBJECTIVES = flags.DEFINE_list("objectives", list(DEFAULT_OBJECTIVES), "Loss presets to compare.")
     _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume the runs with safe "
                                       "config changes (e.g. more steps), as sspo_jax.train does.")
-    app.run(main)
+    app.run(cli.one_line_errors(main))

@@ -7,6 +7,8 @@ DIR/eval/summary.md and DIR/eval/summary.json (sspo_jax/train/evaluation.py does
 """
 from __future__ import annotations
 
+from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
+
 import os
 
 from absl import app, flags
@@ -19,6 +21,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_from_flags()
+    cli.quiet_logs()
     run_evaluation(_CONFIG.value, _WORKDIR.value, _STEP.value)
 
 
@@ -26,8 +29,8 @@ if __name__ == "__main__":
     from ml_collections import config_flags
     _CONFIG = config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+        cli.CONFIG_HELP, lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory holding checkpoints/.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: newest).")
     parallel.define_flags()
-    app.run(main)
+    app.run(cli.one_line_errors(main))

@@ -11,6 +11,8 @@ writes the files.
 """
 from __future__ import annotations
 
+from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
+
 import os
 
 from absl import app, flags
@@ -57,6 +59,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_from_flags()
+    cli.quiet_logs()
     export(_CONFIG.value, _WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
 
 
@@ -64,11 +67,11 @@ if __name__ == "__main__":
     from ml_collections import config_flags
     _CONFIG = config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-        "The run's config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+        cli.CONFIG_HELP, lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The run directory.")
     _OUT = flags.DEFINE_string("out", None, "Where to write the Hugging Face model directory.",
                                required=True)
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).")
     _DTYPE = flags.DEFINE_string("dtype", None, "On-disk dtype (default: the parameter dtype).")
     parallel.define_flags()
-    app.run(main)
+    app.run(cli.one_line_errors(main))

@@ -107,6 +107,11 @@ def run_checks() -> list[tuple[str, float, float]]:
 
 
 def main() -> int:
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:  # the reference; only the [test] extra has it
+        print("parity_demo compares with transformers' PyTorch model and needs torch: "
+              "pip install -e '.[test]'", file=sys.stderr)
+        return 2
     rows = run_checks()
     print("| check | measured | tolerance | ok |\n|---|---|---|---|")
     failed = 0

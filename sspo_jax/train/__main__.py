@@ -9,9 +9,11 @@ command on the same workdir resumes from its newest checkpoint. One RL step:
 """
 from __future__ import annotations
 
+from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
+
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from sspo_jax import parallel
@@ -22,18 +24,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_from_flags()
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cli.quiet_logs()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGE.value)
 
 
 if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(__file__), "..", "run_config.py"),
-        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+        cli.CONFIG_HELP, lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
     _ALLOW_CHANGE = flags.DEFINE_bool(
         "allow_config_change", False, "Resume a run whose config differs only in safe fields "
         "(steps, eval.*, checkpoint.every/keep/async_save, compile_cache.*); other changes are refused.")
     parallel.define_flags()
-    app.run(main)
+    app.run(cli.one_line_errors(main))

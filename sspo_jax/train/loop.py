@@ -69,6 +69,12 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     if resumed:
         _check_resume(workdir, config, allow_config_change, is_chief)
     write_run_info(workdir, config, mesh)
+    if is_chief:
+        warm = spec.warm_start.steps if spec.data.source == "synthetic" and not resumed else 0
+        print(f"run: {f'a warm start of {warm} steps, then ' if warm else ''}"
+              f"{spec.steps - (start or 0)} {config.loss.name} steps of {spec.rollout.rows} rollouts "
+              f"(to step {spec.steps}) in {workdir}"
+              f"{f', resuming from step {start}' if resumed else ''}; rerunning resumes", flush=True)
     # A resumed run fills an empty skeleton from the checkpoint: no weights are loaded or
     # initialised just to be overwritten.
     tokenizer, model = (policy_skeleton(spec.model, mesh) if resumed
@@ -334,7 +340,9 @@ def _warm_start(spec, model, tokenizer, rows, is_chief):
 
     def log(step, loss):
         if is_chief and (step % 50 == 0 or step == w.steps - 1):
-            print(f"warm start {step + 1}/{w.steps} | loss {loss:.3f} | {time.time() - t0:.0f}s",
+            spent = time.time() - t0
+            eta = spent / (step + 1) * (w.steps - step - 1)
+            print(f"warm start {step + 1}/{w.steps} | loss {loss:.3f} | {spent:.0f}s | eta {eta:.0f}s",
                   flush=True)
 
     warm_start(model, examples, steps=w.steps, lr=w.lr, batch_size=w.batch_size,

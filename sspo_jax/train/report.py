@@ -47,6 +47,12 @@ def write_report(workdir: str, title: str = "", status: str = "") -> dict:
     if status:
         print(status, flush=True)
     print(table, flush=True)
+    start, end = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
+    if math.isfinite(start) and math.isfinite(end):
+        print(f"held-out accuracy {start:.3f} -> {end:.3f} ({100 * (end - start):+.1f} points)", flush=True)
     metrics_lib.plot_curves({title or "run": rows}, PLOT_KEYS, os.path.join(workdir, "curves.png"),
                             title=title)
+    written = sorted(n + ("/" if os.path.isdir(os.path.join(workdir, n)) else "") for n in os.listdir(workdir)
+                     if not n.startswith("."))
+    print(f"wrote {os.path.abspath(workdir)}: {', '.join(written)}", flush=True)
     return summary
