@@ -157,7 +157,8 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         _console(0, spec.steps, row, time.time(), 0, is_chief)
 
     base_key = jax.random.key(spec.seed)
-    started = time.time()
+    # The ETA counts the steps after this invocation's first: the first one compiles.
+    eta_since = (time.time(), start + 1)
     for step in range(start + 1, spec.steps + 1):
         t0 = time.time()
         batch = next(data_iter)
@@ -211,7 +212,9 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
             row.update(evaluate_now(step))
         writer.write(step, row)
         rows_out.append(row)
-        _console(step, spec.steps, row, started, start, is_chief)
+        if step == start + 1:
+            eta_since = (time.time(), step)
+        _console(step, spec.steps, row, *eta_since, is_chief)
         meta = {"data": data_iter.get_state(), "counters": counters}
         checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta,
                          force=step == spec.steps)
