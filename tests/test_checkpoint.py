@@ -168,3 +168,24 @@ def test_no_checkpoint_restores_names_every_step(tmp_path):
     _corrupt(tmp_path / "1", "zeroed")
     with pytest.raises(RuntimeError, match=r"no checkpoint in .* restores \(step 1: "):
         Checkpointer(tmp_path, save_every=1).restore_latest(_state(0))
+
+
+def test_a_failed_save_stops_the_run_with_the_step_and_the_fix(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path, save_every=1, async_save=True)
+    assert ckpt.save(1, _state(1))
+    ckpt.wait()
+
+    def full_disk(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt._manager, "save", full_disk)
+    with pytest.raises(RuntimeError, match=r"the save of step 2 .* failed \(OSError: .*No space left"
+                                           r".*newest complete checkpoint is step 1: fix the cause"):
+        ckpt.save(2, _state(2))
+    monkeypatch.undo()
+    # A background save that failed surfaces at the next save (and at close), not later.
+    monkeypatch.setattr(ckpt._manager, "check_for_errors", full_disk)
+    with pytest.raises(RuntimeError, match="an earlier background save"):
+        ckpt.save(3, _state(3))
+    with pytest.raises(RuntimeError, match="a background save"):
+        ckpt.close()

@@ -14,6 +14,7 @@ state is never lost, at worst the steps since the last save are redone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,7 +83,22 @@ class Checkpointer:
             raise ValueError(f"checkpoint item name {META!r} is reserved for the JSON meta")
         args = ocp.args.Composite(**{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
                                   **{META: ocp.args.JsonSave(meta or {})})
-        return self._manager.save(step, args=args, force=True)
+        # A failed save (a full disk, a lost bucket) stops the run now, not steps later: the
+        # previous background save's error surfaces here, this one's at the next save or close.
+        with self._failing_save("an earlier background save"):
+            getattr(self._manager, "check_for_errors", lambda: None)()  # not in every orbax version
+        with self._failing_save(f"the save of step {step}"):
+            return self._manager.save(step, args=args, force=True)
+
+    @contextlib.contextmanager
+    def _failing_save(self, what: str):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/OS errors of many kinds
+            raise RuntimeError(
+                f"checkpoint {what} in {self.directory} failed ({_first_line(e)}); the run stops "
+                f"here. The newest complete checkpoint is step {self._manager.latest_step()}: "
+                f"fix the cause (disk space, permissions, the bucket) and rerun to resume") from e
 
     def restore(self, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict, dict]:
         """Restores (items, meta) at `step` (default: the latest); only the items named in
@@ -182,11 +198,13 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until any background save has finished."""
-        self._manager.wait_until_finished()
+        """Blocks until any background save has finished (raising if it failed)."""
+        with self._failing_save("a background save"):
+            self._manager.wait_until_finished()
+            getattr(self._manager, "check_for_errors", lambda: None)()  # not in every orbax version
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 
