@@ -136,3 +136,20 @@ def test_partial_multi_process_flags_are_refused():
 
 def test_config_mesh_block_is_a_configdict():
     assert isinstance(base_config().mesh, ConfigDict)
+
+
+@pytest.mark.slow  # waits the 5 s timeout
+def test_a_missing_peer_stops_the_run_after_the_timeout_and_says_so_first(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sspo_jax.train", f"--workdir={tmp_path}", "--num_processes=2",
+         "--process_id=1", f"--coordinator_address=localhost:{port}", "--distributed_timeout_s=5"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0  # stopped, not waiting forever
+    assert proc.stdout.startswith(f"process 1 of 2: joining localhost:{port}; it stops after 5 s")
+    assert "--process_id=0 .. 1" in proc.stdout

@@ -23,12 +23,14 @@ import numpy as np
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, multihost: bool = False) -> None:
+               process_id: int | None = None, *, multihost: bool = False,
+               timeout_s: int = 300) -> None:
     """Starts JAX's multi-process runtime when asked to; call before any other JAX use.
 
     Explicit: `coordinator_address` (HOST:PORT of process 0), `num_processes`, `process_id`.
     `multihost=True` without them: let JAX find them in the environment (Cloud TPU VMs, SLURM).
-    Neither: a single process, nothing to do.
+    Neither: a single process, nothing to do. A process waits at most `timeout_s` seconds for
+    all the others to join (then the runtime stops it), and says so first, with the fix.
     """
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
@@ -39,10 +41,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
         # CPU devices of different processes talk through gloo (TPU/GPU use their own fabric).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # The runtime aborts the process (in C++, uncatchable) when the others do not come in
+        # time, so what is awaited and the fix are said before.
+        print(f"process {process_id} of {num_processes}: joining {coordinator_address}; it stops "
+              f"after {timeout_s} s (--distributed_timeout_s) unless the same command runs on every "
+              f"host, with --process_id=0 .. {num_processes - 1} and process 0's address", flush=True)
         jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, initialization_timeout=timeout_s)
     elif multihost:
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=timeout_s)
 
 
 def is_chief() -> bool:
@@ -95,6 +102,8 @@ def define_flags():
                         "--process_id); on Cloud TPU VMs use --multihost instead.")
     flags.DEFINE_integer("num_processes", None, "Number of JAX processes (hosts) in the run.")
     flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+    flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds a process waits for all the others "
+                         "to join a multi-process run before it stops with a message.")
     flags.DEFINE_bool("multihost", False,
                       "Start JAX's multi-process runtime from the environment (Cloud TPU VMs, "
                       "SLURM): every worker runs the same command.")
@@ -103,4 +112,5 @@ def define_flags():
 def initialize_from_flags() -> None:
     from absl import flags
     f = flags.FLAGS
-    initialize(f.coordinator_address, f.num_processes, f.process_id, multihost=f.multihost)
+    initialize(f.coordinator_address, f.num_processes, f.process_id, multihost=f.multihost,
+               timeout_s=f.distributed_timeout_s)
