@@ -17,6 +17,14 @@ CONFIG_HELP = ("Config file, configs/FILE.py[:PRESET] (presets: grpo, dapo, dr_g
                "(fields and defaults: sspo_jax/run_config.py).")
 
 
+def define_config_flag(help_text: str = CONFIG_HELP, lock_config: bool = True):
+    """The `--config` flag every command takes; its default is the CPU demo (run_config.py)."""
+    from ml_collections import config_flags
+    return config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_config.py"),
+        help_text, lock_config=lock_config)
+
+
 def one_line_errors(main):
     """`main` with a user's errors (a bad config, a refused resume, a missing file) printed as
     one `error: ...` line and exit status 1 instead of a traceback; with --verbosity given, the

@@ -15,7 +15,6 @@ import os
 import shutil
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from sspo_jax.train import metrics as metrics_lib
 from sspo_jax.train import report
@@ -93,8 +92,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
+    _CONFIG = cli.define_config_flag(
         "Config file; its loss.name is replaced by each objective in turn.", lock_config=False)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "One sub-directory per objective.")
     _OBJECTIVES = flags.DEFINE_list("objectives", list(DEFAULT_OBJECTIVES), "Loss presets to compare.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
 
-import os
 
 from absl import app, flags
 
@@ -26,10 +25,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-        cli.CONFIG_HELP, lock_config=True)
+    _CONFIG = cli.define_config_flag()
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory holding checkpoints/.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: newest).")
     parallel.define_flags()

@@ -64,10 +64,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "run_config.py"),
-        cli.CONFIG_HELP, lock_config=True)
+    _CONFIG = cli.define_config_flag()
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "The run directory.")
     _OUT = flags.DEFINE_string("out", None, "Where to write the Hugging Face model directory.",
                                required=True)

@@ -2,7 +2,8 @@
 memory plan and cost model of a training config on a TPU slice (sspo_jax/plan/costs.py)."""
 from __future__ import annotations
 
-import os
+from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
+
 import sys
 
 from absl import app, flags
@@ -34,9 +35,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "..", "run_config.py"),
-        "Config file (configs/*.py[:arg]); default: the CPU demo.", lock_config=True)
+    cli.define_config_flag()
     _SLICE = flags.DEFINE_string("slice", "v5p-8", "TPU accelerator type: v4-8, v5e-8 "
                                  "(v5litepod-8), v5p-8, v5p-64, v6e-8, ...")
     _ITEMS = flags.DEFINE_bool("items", True, "List every memory item (--noitems: phase totals only).")

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
 
-import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from sspo_jax import parallel
 from sspo_jax.train.loop import train_and_evaluate
@@ -29,9 +27,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "..", "run_config.py"),
-        cli.CONFIG_HELP, lock_config=True)
+    _CONFIG = cli.define_config_flag()
     _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and plots go.")
     _ALLOW_CHANGE = flags.DEFINE_bool(
         "allow_config_change", False, "Resume a run whose config differs only in safe fields "
