@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import multiproc as mp
 import pytest
 
-from sspo_jax import run_config, specs
+from sspo_jax import specs
 from sspo_jax.train import loop
 from sspo_jax.train import metrics as metrics_lib
 
@@ -27,14 +28,7 @@ TIMING = ("time/", "tokens_per_s", "train_tokens_per_s")
 
 
 def tiny_config(**extra):
-    c = run_config.get_config()
-    for key, value in {**TINY, **extra}.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return mp.config_with({**TINY, **extra})
 
 
 def _cli(workdir, **extra):
