@@ -6,7 +6,7 @@ from flax import nnx
 
 import tiny_hf
 from sspo_jax import model as M
-from sspo_jax.model import qwen2 as QM
+from sspo_jax.model import cpu_forms
 
 PROMPT_LENGTHS = [7, 3, 5]
 PROMPT_LEN = 8  # one pad even in the longest row
@@ -102,27 +102,24 @@ def test_decode_weights_give_the_same_cached_step(which, split_bytes, request):
     cache = model.init_cache(len(PROMPT_LENGTHS), PROMPT_LEN + 2)
     _, cache = cached(model, ids, mask, cache)
     token = jnp.asarray([[5], [17], [130]], jnp.int32)
-    with_weights = nnx.jit(lambda m, t, c: m(t, attention_mask=jnp.ones_like(t), cache=c,
-                                             weights=m.decode_weights(split_bytes)))
+    with_weights = nnx.jit(lambda m, t, c: M.Decoder(m, m._cpu_decode_weights(split_bytes))(t, c))
     want_logits, want_cache = cached(model, token, jnp.ones_like(token), cache)
     got_logits, got_cache = with_weights(model, token, cache)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-6, rtol=0)
     for got, want in zip((got_cache.k, got_cache.v, got_cache.mask), (want_cache.k, want_cache.v, want_cache.mask)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
     assert int(got_cache.index) == PROMPT_LEN + 1
-    weights = model.decode_weights(split_bytes)
+    weights = model._cpu_decode_weights(split_bytes)
     cfg = model.config
     assert len(weights["layers"]) == cfg.num_hidden_layers
-    head = weights["lm_head_vh"]
+    head = weights["head_vh"]
     if split_bytes is None:  # the test model is far below DECODE_SPLIT_MODEL_BYTES: whole matrices
         assert head.shape == (cfg.vocab_size, cfg.hidden_size)
         assert weights["layers"][0]["gate_w"].shape == (cfg.hidden_size, cfg.intermediate_size)
     else:
-        parts = QM.DECODE_SPLIT_PARTS
+        parts = cpu_forms.DECODE_SPLIT_PARTS
         sizes = [len(b) for b in np.array_split(np.arange(cfg.vocab_size), parts)]  # 131: uneven
         assert [b.shape for b in head] == [(n, cfg.hidden_size) for n in sizes]
         gate = weights["layers"][0]["gate_w"]
         assert [b.shape for b in gate] == [(cfg.hidden_size, cfg.intermediate_size // parts)] * parts
         np.testing.assert_array_equal(np.concatenate(gate, axis=1), np.asarray(model.layers.stacked()["gate_w"][0]))
-    with pytest.raises(ValueError, match="per-layer decode weights need a cache"):
-        model(ids, attention_mask=mask, weights=weights)

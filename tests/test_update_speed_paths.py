@@ -1,9 +1,9 @@
 """The forms tuned for XLA's CPU backend give the general forms' results.
 
-On the CPU backend the model unrolls its layer scan (without a cache) and runs its projections as
-2-D matmuls, and the log-prob head multiplies [B*c, H] instead of [B, c, H]
-(`sspo_jax.model.layers.cpu_tuned`). Other backends trace the general forms. Here both run on
-CPU: patching `jax.default_backend` to "gpu" selects the general forms at trace time.
+A model built for platform "cpu" traces model/cpu_forms.py (2-D projections, rope without a
+concatenate, query-blocked attention, the unrolled layer scan, per-layer decode weights), and
+the log-prob head multiplies [B*c, H] instead of [B, c, H] (`flat_tokens`). A model built for
+"gpu" with attention="xla" traces the general forms; both run here on CPU.
 """
 import jax
 import jax.numpy as jnp
@@ -13,27 +13,12 @@ import tiny_hf
 from flax import nnx
 
 from sspo_jax import model as M
-from sspo_jax.model.layers import (apply_rope, apply_rope_no_concat, attention,
-                                   causal_block_attention, rope_cos_sin)
+from sspo_jax.model import cpu_forms
+from sspo_jax.model.layers import apply_rope, rope_cos_sin
 from sspo_jax.rl import logprobs, losses, train_batch
 from sspo_jax.train import update as PU
 
 P, R = 6, 8
-
-
-@pytest.fixture(autouse=True)
-def fresh_traces():
-    """jax caches traced checkpoint and scan bodies by function: without clearing, a body traced
-    for one form would be reused for the other (here, and in the tests that run after these)."""
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
-
-
-def _general(monkeypatch):
-    """Trace the general forms from here on."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    jax.clear_caches()
 
 
 def _scan_unrolls(jaxpr):
@@ -68,10 +53,10 @@ def _policy_batch(tokens, attn):
         eps_low=jnp.full((b, R), 0.2), eps_high=jnp.full((b, R), 0.2))
 
 
-def _hidden_and_grads(path, tokens, attn):
+def _hidden_and_grads(path, tokens, attn, platform):
     """Hidden states and the gradient of the GRPO loss (the trainer's loss function) w.r.t. every
-    parameter, through a fresh jit so the backend check runs at this trace."""
-    graphdef, params = nnx.split(M.from_pretrained(path))
+    parameter, for a model built for `platform`."""
+    graphdef, params = nnx.split(M.from_pretrained(path, platform=platform, attention="xla"))
     batch = _policy_batch(tokens, attn)
     settings = PU.UpdateSettings(loss=losses.preset("grpo"), temperature=0.7, micro_batch_size=4,
                                  logprob_chunk=3)
@@ -87,77 +72,64 @@ def _hidden_and_grads(path, tokens, attn):
     return unrolls, jax.jit(hidden)(params), jax.jit(jax.grad(loss))(params)
 
 
-def test_cpu_forms_give_the_general_forward_and_gradient(case, monkeypatch):
+def test_cpu_forms_give_the_general_forward_and_gradient(case):
     path, tokens, attn = case
-    cpu_unrolls, cpu_hidden, cpu_grads = _hidden_and_grads(path, tokens, attn)
-    _general(monkeypatch)
-    gen_unrolls, gen_hidden, gen_grads = _hidden_and_grads(path, tokens, attn)
+    cpu_unrolls, cpu_hidden, cpu_grads = _hidden_and_grads(path, tokens, attn, "cpu")
+    gen_unrolls, gen_hidden, gen_grads = _hidden_and_grads(path, tokens, attn, "gpu")
     layers = tiny_hf.BASE["num_hidden_layers"]
     assert cpu_unrolls == [layers] and gen_unrolls == [1]  # the two paths really differ
-    real = np.asarray(attn, bool)  # left pads see no key: their (unread) outputs may differ
-    assert _max_rel_err(np.asarray(cpu_hidden)[real], np.asarray(gen_hidden)[real]) < 1e-5
+    assert _max_rel_err(cpu_hidden, gen_hidden) < 1e-5  # padding positions included
     for (name, a), b in zip(jax.tree_util.tree_leaves_with_path(cpu_grads), jax.tree.leaves(gen_grads)):
         assert np.abs(np.asarray(b)).max() > 0, name  # every parameter gets a gradient
         assert _max_rel_err(a, b) < 1e-5, jax.tree_util.keystr(name)
 
 
-def test_cpu_forms_give_the_general_cached_decode(case, monkeypatch):
+def test_cpu_forms_give_the_general_prefill_and_decode(case):
     path, tokens, attn = case
     outs = []
-    for general in (False, True):
-        if general:
-            _general(monkeypatch)
-        m = M.from_pretrained(path)
-        step = nnx.jit(lambda m, t, a, c: m(t, attention_mask=a, cache=c))
-        logits, cache = step(m, tokens[:, :P], attn[:, :P], m.init_cache(4, P + 2))
-        nxt, _ = step(m, tokens[:, P:P + 1], attn[:, P:P + 1], cache)
-        outs.append((logits, nxt))
+    for platform in ("cpu", "gpu"):
+        m = M.from_pretrained(path, platform=platform, attention="xla")
+
+        @nnx.jit
+        def run(m, prompt, prompt_mask, token):
+            decoder = m.decoder()
+            hidden, cache = m.prefill(prompt, prompt_mask, P + 2)
+            nxt, cache = decoder(token, cache)
+            return decoder.head(hidden[:, -1]), nxt, cache.k
+
+        outs.append(run(m, tokens[:, :P], attn[:, :P], tokens[:, P:P + 1]))
+        assert (m.decoder().weights is not None) == (platform == "cpu")  # the paths really differ
     for a, b in zip(*outs):
         assert _max_rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_cpu_head_gives_the_general_logprobs_and_gradient(monkeypatch, temperature):
+def test_flat_head_gives_the_general_logprobs_and_gradient(temperature):
     rng = np.random.default_rng(2)
     hidden = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
     head = jnp.asarray(rng.standard_normal((16, 29)) * 0.3, jnp.float32)
     targets = jnp.asarray(rng.integers(0, 29, (3, 7)), jnp.int32)
     weights = jnp.asarray(rng.standard_normal((3, 7)), jnp.float32)
 
-    def run():
+    def run(flat):
         def f(h, w):
-            logp, ent = logprobs.token_logprobs_and_entropy(h, w, targets, temperature, chunk=3)
+            logp, ent = logprobs.token_logprobs_and_entropy(h, w, targets, temperature, chunk=3,
+                                                            flat_tokens=flat)
             return jnp.sum(logp * weights), (logp, ent)
         hlo = jax.jit(f).lower(hidden, head).as_text()
         (_, outs), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, head)
         return hlo, outs, grads
 
-    cpu_hlo, cpu_outs, cpu_grads = run()
-    _general(monkeypatch)
-    gen_hlo, gen_outs, gen_grads = run()
+    cpu_hlo, cpu_outs, cpu_grads = run(True)
+    gen_hlo, gen_outs, gen_grads = run(False)
     assert cpu_hlo != gen_hlo  # the two paths really differ
     for a, b in zip(jax.tree.leaves((cpu_outs, cpu_grads)), jax.tree.leaves((gen_outs, gen_grads))):
         assert _max_rel_err(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("t,nq,hkv,blocks", [(1, 4, 2, 4), (3, 4, 1, 4), (14, 6, 2, 4), (9, 2, 2, 2), (16, 4, 2, 16)])
-def test_causal_block_attention_gives_attention_at_real_queries(t, nq, hkv, blocks):
-    rng = np.random.default_rng(t)
-    d = 8
-    q = jnp.asarray(rng.standard_normal((3, t, nq, d)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((3, hkv, t, d)), jnp.float32) for _ in range(2))
-    lengths = np.array([t, max(1, t - 2), 1])  # left padded rows
-    mask = np.arange(t)[None, :] >= (t - lengths)[:, None]
-    visible = jnp.asarray(mask[:, None, :] & np.tril(np.ones((t, t), bool))[None])
-    want = np.asarray(attention(q, k, v, visible))
-    got = np.asarray(jax.jit(causal_block_attention, static_argnums=4)(q, k, v, visible, blocks))
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_rope_without_concatenate_gives_rope():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32)
     cos, sin = rope_cos_sin(jnp.asarray([[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]]), 8, 1e4)
-    np.testing.assert_allclose(np.asarray(jax.jit(apply_rope_no_concat)(x, cos, sin)),
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_forms.apply_rope)(x, cos, sin)),
                                np.asarray(jax.jit(apply_rope)(x, cos, sin)), rtol=1e-6, atol=1e-6)

@@ -124,17 +124,14 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
     b, p = prompt_ids.shape
     rows, n_new = b * cfg.num_samples, cfg.max_new_tokens
 
-    # XLA on CPU copies a layer's weights out of the stacked arrays on every token, so there the
-    # layers are sliced once here (a second copy of the weights, unrolled layers). GPUs and TPUs
-    # slice without copying: they keep the scanned layers, one weight copy and a short compile.
-    weights = model.decode_weights() if jax.default_backend() == "cpu" else None
-
-    cache = model.init_cache(b, p + n_new)
-    hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    # The prompts attend by the model's backend (a fused kernel on TPU/GPU); each decode step
+    # attends to the cache (one query row). On CPU the decoder reads weights sliced per layer.
+    decoder = model.decoder()
+    hidden, cache = model.prefill(prompt_ids, prompt_mask, p + n_new)
     # Left padded: the last column is a real token in every row, and the only one whose logits
     # are needed (the LM head over all P positions would be a [B, P, V] float32 array). The same
-    # head form as the decode steps (with `weights`, no transposed copy of a tied embedding).
-    last = model.head_logits(hidden[:, -1], weights)                         # [B, V]
+    # head form as the decode steps.
+    last = decoder.head(hidden[:, -1])                                       # [B, V]
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
         next_logits=jnp.repeat(last, cfg.num_samples, axis=0),
@@ -156,7 +153,7 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
         # sampling code in the program (XLA CPU compile time roughly halves).
         s = _record(s, s.next_logits, cfg)
         token = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [R, 1]
-        logits, cache = model(token, attention_mask=jnp.ones_like(token), cache=s.cache, weights=weights)
+        logits, cache = decoder(token, s.cache)
         return s.replace(next_logits=logits[:, 0], cache=cache)
 
     state = jax.lax.while_loop(not_finished, sample_and_advance, state)

@@ -74,17 +74,20 @@ def _weight_files(hf_dir: str) -> dict[str, str]:
 
 
 def from_pretrained(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None,
-                    mesh: Mesh | None = None, remat: str = "none") -> Qwen2ForCausalLM:
+                    mesh: Mesh | None = None, remat: str = "none", attention: str = "auto",
+                    platform: str | None = None) -> Qwen2ForCausalLM:
     """Loads a HF Qwen2 checkpoint directory into a Qwen2ForCausalLM.
 
     dtype: compute dtype; param_dtype: parameter dtype (None: same as dtype); with a mesh, every
-    parameter is created directly in its NamedSharding (logical axes by sspo_jax.parallel).
+    parameter is created directly in its NamedSharding (logical axes by sspo_jax.parallel);
+    attention, platform: the model's backend (Qwen2ForCausalLM; platform default: the mesh's).
     Names and shapes are checked against the config before anything is read.
     """
     hf_dir = os.fspath(hf_dir)
     cfg = Qwen2Config.from_hf(hf_dir)
     param_dtype = param_dtype or dtype
-    model = abstract_model(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    model = abstract_model(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                           attention=attention, **({} if platform is None else {"platform": platform}))
     files = _weight_files(hf_dir)
     plan = list(_weight_plan(model))
     handles = {path: safe_open(path, framework="numpy") for path in sorted(set(files.values()))}

@@ -7,7 +7,6 @@ the activations.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -15,9 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from sspo_jax.model import attention as attention_lib
+from sspo_jax.model import backend as backend_lib
 from sspo_jax.model import cache as kv_cache
+from sspo_jax.model import cpu_forms
 from sspo_jax.model.config import Qwen2Config
-from sspo_jax.model.layers import cpu_tuned, decoder_layer, rms_norm, rope_cos_sin
+from sspo_jax.model.layers import decoder_layer, rms_norm, rope_cos_sin
 from sspo_jax.parallel import constrain, state_shardings
 
 REMAT_POLICIES = {
@@ -25,22 +27,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-# decode_weights: in a model of at least DECODE_SPLIT_MODEL_BYTES of weights (more than a CPU's
-# last-level cache holds: each decode step streams them from DRAM), matrices of at least
-# DECODE_SPLIT_BYTES come in DECODE_SPLIT_PARTS blocks (BENCHMARKS.md: "decode weights' output
-# blocks" has the measurements behind the thresholds).
-DECODE_SPLIT_MODEL_BYTES = 64 << 20
-DECODE_SPLIT_BYTES = 1 << 20
-DECODE_SPLIT_PARTS = 2
-
-
-def _split_output(a: jax.Array, *, axis: int, split_bytes: float) -> jax.Array | tuple[jax.Array, ...]:
-    """`a` as DECODE_SPLIT_PARTS blocks along `axis` (sizes differing by at most one) when it has
-    `split_bytes` or more, else `a` itself."""
-    if a.nbytes < split_bytes or a.shape[axis] < DECODE_SPLIT_PARTS:
-        return a
-    return tuple(jnp.array_split(a, DECODE_SPLIT_PARTS, axis=axis))
 
 
 def layer_param_specs(cfg: Qwen2Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -72,7 +58,10 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
 def abstract_model(config: Qwen2Config, *, mesh: Mesh | None = None, **kwargs) -> "Qwen2ForCausalLM":
     """A Qwen2ForCausalLM that holds no data: every parameter a `jax.ShapeDtypeStruct` with
     the sharding it gets on `mesh` by its logical axes (on the first device without a mesh).
-    What a checkpoint is read into; `kwargs` go to the constructor (dtype, param_dtype, remat)."""
+    What a checkpoint is read into; `kwargs` go to the constructor (dtype, param_dtype, remat,
+    attention); the platform is the mesh's unless `platform` is given."""
+    if mesh is not None:
+        kwargs.setdefault("platform", backend_lib.platform_of(mesh))
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0), **kwargs))
     state = nnx.state(model)
     shardings = (state_shardings(state, mesh) if mesh is not None else
@@ -108,8 +97,11 @@ class Qwen2ForCausalLM(nnx.Module):
     """Qwen2 decoder + LM head. See docs/design.md (Model) for the calling contract."""
 
     def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: str = "none"):
-        """dtype: compute dtype; remat: one of REMAT_POLICIES (per-layer jax.checkpoint policy).
+                 param_dtype: Any = jnp.float32, remat: str = "none", attention: str = "auto",
+                 platform: str | None = None):
+        """dtype: compute dtype; remat: one of REMAT_POLICIES (per-layer jax.checkpoint policy);
+        attention: one of backend.ATTENTION_CHOICES, for `platform` (cpu | gpu | tpu; None: the
+        first JAX device's). The two make the model's one platform decision (`self.backend`).
         The model holds no mesh: its activations are constrained to the context mesh
         (`parallel.using_mesh`), which the sampler and the update take from the parameters."""
         if remat not in REMAT_POLICIES:
@@ -119,6 +111,7 @@ class Qwen2ForCausalLM(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
+        self.backend = backend_lib.resolve(attention, platform, dtype)
         normal = nnx.initializers.normal(0.02)
         self.embed = _param(normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
                             ("vocab", "embed"))
@@ -134,131 +127,197 @@ class Qwen2ForCausalLM(nnx.Module):
             return self.embed[...].T.astype(self.dtype)
         return self.lm_head[...].astype(self.dtype)
 
+    def head_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., H] -> float32 logits [..., V]."""
+        return jnp.einsum("...h,hv->...v", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> kv_cache.KVCache:
         """An empty KVCache (dtype default: the compute dtype), laid out on the context mesh if any."""
         cfg = self.config
         cache = kv_cache.init_cache(cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads,
                                     cfg.head_dim, dtype or self.dtype)
-        return cache.replace(k=constrain(cache.k, kv_cache.KV_AXES), v=constrain(cache.v, kv_cache.KV_AXES),
-                             mask=constrain(cache.mask, kv_cache.MASK_AXES))
+        return _constrain_cache(cache)
 
-    def decode_weights(self, split_bytes: float | None = None) -> dict[str, Any]:
-        """The weights as a decode loop reads them fastest on XLA CPU: "layers", a tuple of L
-        per-layer parameter dicts (no layer axis), and "lm_head_vh" [V, H] in the compute dtype
-        (the head vocabulary-major: the tied embedding as it is, an untied head transposed once).
-        A matrix of `split_bytes` or more comes as a tuple of DECODE_SPLIT_PARTS blocks of its
-        output axis (columns of a [in, out] weight, rows of the [V, H] head); by default
-        DECODE_SPLIT_BYTES in a model of DECODE_SPLIT_MODEL_BYTES or more, else none.
-
-        Build this once before a decode loop and pass it as `weights=` to every step: XLA on CPU
-        copies a layer's slice out of the stacked [L, ...] parameters on every use, so slicing
-        once outside the loop saves a full weight copy per token. The head vocabulary-major makes
-        each logit one contiguous row of the weights. The blocks are independent dots that XLA's
-        thunk executor runs on two threads at once, which helps a model whose weights stream
-        from DRAM every step; a model that fits the cache only pays for the extra dots, hence
-        the model-size threshold (the measurements: BENCHMARKS.md).
-        """
-        stacked = self.layers.stacked()
-        if split_bytes is None:
-            total = sum(a.nbytes for a in jax.tree.leaves(nnx.state(self, nnx.Param)))
-            split_bytes = DECODE_SPLIT_BYTES if total >= DECODE_SPLIT_MODEL_BYTES else math.inf
-        split = functools.partial(_split_output, split_bytes=split_bytes)
-        layers = tuple({name: split(a[i], axis=-1) if a.ndim == 3 else a[i] for name, a in stacked.items()}
-                       for i in range(self.config.num_hidden_layers))
-        head_vh = (self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...].T)
-        return {"layers": layers, "lm_head_vh": split(head_vh.astype(self.dtype), axis=0)}
-
-    def head_logits(self, hidden: jax.Array, weights: dict[str, Any] | None = None) -> jax.Array:
-        """hidden [..., H] -> float32 logits [..., V]; with `decode_weights()`, from their
-        vocabulary-major head (the same products, in the layout XLA CPU reads fastest)."""
-        if weights is None:
-            return jnp.einsum("...h,hv->...v", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
-        head = weights["lm_head_vh"]
-        blocks = head if isinstance(head, tuple) else (head,)
-        logits = [jnp.einsum("...h,vh->...v", hidden, b, preferred_element_type=jnp.float32) for b in blocks]
-        return logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)
+    # -- forward without a cache (training, scoring) -------------------------------------------
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      cache: kv_cache.KVCache | None = None, layers: tuple[dict, ...] | None = None):
+                      cache: kv_cache.KVCache | None = None, *, segment_ids: jax.Array | None = None):
         """[B, T, H] after the final norm (in the compute dtype); with a cache, (hidden, cache).
 
-        layers: `decode_weights()["layers"]`; with it (a cache is required) the layers run unrolled
-        from those arrays instead of scanning the stacked parameters.
+        attention_mask [B, T]: 1 for real tokens (one sequence per row, positions counting the
+        real tokens before); or segment_ids [B, T] int: one id per packed sequence (a contiguous
+        run), 0 for padding; each sequence's positions start at 0 (no cache).
         """
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for a forward without a cache; a cached call takes "
+                                 "attention_mask")
+            return self._cached_hidden(input_ids, attention_mask, cache, None)
+        x, _ = self._self_attending(input_ids, attention_mask, segment_ids, keep_kv=False)
+        return x
+
+    def _self_attending(self, input_ids, attention_mask, segment_ids, keep_kv: bool):
+        """(hidden [B, T, H], per-layer (k, v) [L, B, Hkv, T, D] when keep_kv) of the tokens
+        attending among themselves, by the backend's attention."""
+        cfg = self.config
+        if attention_mask is not None and segment_ids is not None:
+            raise ValueError("pass attention_mask or segment_ids, not both")
+        if segment_ids is None:
+            mask = (jnp.ones(input_ids.shape, jnp.bool_) if attention_mask is None
+                    else attention_mask.astype(jnp.bool_))
+            segments = mask.astype(jnp.int32)
+            positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+        else:
+            segments = segment_ids.astype(jnp.int32)
+            positions = attention_lib.segment_positions(segments)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        def attend(q, k, v):
+            out = attention_lib.self_attention(q, k, v, segments, self.backend)
+            return out, ((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) if keep_kv else None)
+
+        layer = self._layer()
+
+        @self._remat
+        def step(x, params):
+            return layer(params, x, cos, sin, attend)
+
+        # Unrolled on CPU: a rolled loop's backward reads every saved activation from a stacked
+        # [L, ...] buffer (zero-filled, then one slice written and one read per layer), which XLA
+        # CPU does as separate copies. Still one scan in the jaxpr.
+        unroll = cfg.num_hidden_layers if self.backend.cpu_forms else 1
+        x, kv = jax.lax.scan(step, self._embed(input_ids), self.layers.stacked(), unroll=unroll)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), kv
+
+    # -- with a KV cache (generation) ----------------------------------------------------------
+
+    def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, max_len: int,
+                cache_dtype: Any = None) -> tuple[jax.Array, kv_cache.KVCache]:
+        """(hidden [B, T, H], a new cache of max_len slots holding these T tokens): the prompts
+        attend among themselves by the backend's attention (a fused kernel on TPU/GPU), as in a
+        forward without a cache, and their keys and values fill the cache's first T slots."""
+        b, t = input_ids.shape
+        if t > max_len:
+            raise ValueError(f"{t} tokens do not fit a KV cache of max_len {max_len}")
+        mask = attention_mask.astype(jnp.bool_)
+        hidden, (k, v) = self._self_attending(input_ids, mask, None, keep_kv=True)
+        cache = self.init_cache(b, max_len, cache_dtype)
+        cache = cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0,) * 5),
+                              v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0,) * 5),
+                              mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, 0)),
+                              index=jnp.asarray(t, jnp.int32))
+        return hidden, _constrain_cache(cache)
+
+    def decoder(self) -> "Decoder":
+        """What a decode loop calls, built once before the loop (inside the jitted program):
+        `logits, cache = decoder(token_ids, cache)`, `decoder.head(hidden)`."""
+        return Decoder(self, self._cpu_decode_weights() if self.backend.cpu_forms else None)
+
+    def _cpu_decode_weights(self, split_bytes: float | None = None) -> dict[str, Any]:
+        """cpu_forms.decode_weights of this model (split_bytes: its default, or given)."""
+        total = sum(a.nbytes for a in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        head_vh = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...].T
+        return cpu_forms.decode_weights(self.layers.stacked(), head_vh.astype(self.dtype), total, split_bytes)
+
+    def _cached_hidden(self, input_ids, attention_mask, cache, layers):
+        """hidden_states with a cache: the T new tokens attend to the cache's real slots and to
+        each other, scores materialised (cheap for a decode step: one query row per head).
+        layers: per-layer weights (cpu_forms.decode_weights) to run unrolled, or None (scan)."""
         cfg = self.config
         b, t = input_ids.shape
         mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
-        real_before = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1  # [B, T]
-        if layers is not None and cache is None:
-            raise ValueError("per-layer decode weights need a cache; call without weights= for a plain forward")
-        if cache is None:
-            positions = jnp.maximum(real_before, 0)
-            key_mask, q_slot, k_slot, index, kv = mask, jnp.arange(t), jnp.arange(t), None, None
-        else:
-            if t > cache.max_len:
-                raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache.max_len}")
-            if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
-                raise ValueError(f"KV cache full: index {int(cache.index)} + {t} tokens > max_len {cache.max_len}")
-            positions = jnp.maximum(cache.mask.sum(-1, dtype=jnp.int32)[:, None] + real_before, 0)
-            index = cache.index
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-            q_slot, k_slot, kv = index + jnp.arange(t), jnp.arange(cache.max_len), (cache.k, cache.v)
+        if t > cache.max_len:
+            raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache.max_len}")
+        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
+            raise ValueError(f"KV cache full: index {int(cache.index)} + {t} tokens > max_len {cache.max_len}")
+        real_before = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+        positions = jnp.maximum(cache.mask.sum(-1, dtype=jnp.int32)[:, None] + real_before, 0)
+        index = cache.index
+        key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+        q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.max_len)
         visible = key_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        layer = self._layer()
 
+        def attend_cache(kv, i):
+            def attend(q, k, v):
+                # Only the T new slots of the (carried) buffers change: updated in place.
+                at = (i, 0, 0, index, 0)
+                k_all = jax.lax.dynamic_update_slice(kv[0], jnp.swapaxes(k, 1, 2)[None].astype(kv[0].dtype), at)
+                v_all = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2)[None].astype(kv[1].dtype), at)
+                k_i = jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False).astype(self.dtype)
+                v_i = jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False).astype(self.dtype)
+                return attention_lib.cached_attention(q, k_i, v_i, visible), (k_all, v_all)
+            return attend
+
+        x = self._embed(input_ids)
+        kv = (cache.k, cache.v)
+        if layers is not None:
+            for i, params in enumerate(layers):  # unrolled: each layer's weights are their own arrays
+                x, kv = layer(params, x, cos, sin, attend_cache(kv, i))
+        else:
+            # The whole cache is a scan CARRY, not xs/ys: each layer writes only its T new slots
+            # in place (ys would materialise and copy a fresh [L, ...] cache every call).
+            @self._remat
+            def step(carry, xs):
+                x, layer_kv = carry
+                params, i = xs
+                return layer(params, x, cos, sin, attend_cache(layer_kv, i)), None
+
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, kv), _ = jax.lax.scan(step, (x, kv), (self.layers.stacked(), layer_ids))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return x, _constrain_cache(cache.replace(k=kv[0], v=kv[1], mask=key_mask, index=cache.index + t))
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def _embed(self, input_ids):
         # Gather from a table whole along the vocabulary (still FSDP-split along embed): XLA
         # cannot partition a gather over a vocab-sharded table and would replicate it entirely.
         table = constrain(self.embed[...], (None, "embed"))
         x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "seq", "act_embed"))
-        # On XLA CPU: the forms of layers.cpu_tuned, and the layer scan fully unrolled.
-        cpu = cpu_tuned()
-        layer = functools.partial(
+        return constrain(x, ("batch", "seq", "act_embed"))
+
+    def _layer(self):
+        cfg = self.config
+        return functools.partial(
             decoder_layer, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype,
-            cpu_forms=cpu)
+            head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, dtype=self.dtype, cpu=self.backend.cpu_forms)
 
-        remat = (lambda f: f) if self.remat == "none" else functools.partial(
-            jax.checkpoint, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        stacked = self.layers.stacked()
-        if cache is None:
-            @remat
-            def step(x, params):
-                return layer(params, x, cos, sin, visible, None, None)[0], None
-
-            # Unrolled on CPU: a rolled loop's backward reads every saved activation from a
-            # stacked [L, ...] buffer (zero-filled, then one slice written and one read per
-            # layer), which XLA CPU does as separate copies. Still one scan in the jaxpr.
-            x, _ = jax.lax.scan(step, x, stacked, unroll=cfg.num_hidden_layers if cpu else 1)
-        elif layers is not None:
-            new_kv = kv
-            for i, params in enumerate(layers):  # unrolled: each layer's weights are their own arrays
-                x, new_kv = layer(params, x, cos, sin, visible, new_kv, (i, index))
-        else:
-            # The whole cache is a scan CARRY, not xs/ys: each layer writes only its T new slots
-            # in place (ys would materialise and copy a fresh [L, ...] cache every call).
-            @remat
-            def step(carry, xs):
-                x, layer_kv = carry
-                params, i = xs
-                return layer(params, x, cos, sin, visible, layer_kv, (i, index)), None
-
-            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, new_kv), _ = jax.lax.scan(step, (x, kv), (stacked, layer_ids))
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        if cache is None:
-            return x
-        k, v = (constrain(a, kv_cache.KV_AXES) for a in new_kv)
-        key_mask = constrain(key_mask, kv_cache.MASK_AXES)
-        return x, cache.replace(k=k, v=v, mask=key_mask, index=cache.index + t)
+    def _remat(self, f):
+        if self.remat == "none":
+            return f
+        return jax.checkpoint(f, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: kv_cache.KVCache | None = None, weights: dict[str, Any] | None = None):
-        """logits [B, T, V] float32; with a cache, (logits, updated cache).
-
-        weights: `decode_weights()`, built once outside a decode loop (needs a cache); same result.
-        """
-        out = self.hidden_states(input_ids, attention_mask, cache, None if weights is None else weights["layers"])
+                 cache: kv_cache.KVCache | None = None, *, segment_ids: jax.Array | None = None):
+        """logits [B, T, V] float32; with a cache, (logits, updated cache)."""
+        out = self.hidden_states(input_ids, attention_mask, cache, segment_ids=segment_ids)
         hidden, new_cache = (out, None) if cache is None else out
-        logits = constrain(self.head_logits(hidden, weights), ("batch", "seq", "vocab"))
+        logits = constrain(self.head_logits(hidden), ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, new_cache)
+
+
+class Decoder:
+    """A decode loop's view of the model (`Qwen2ForCausalLM.decoder()`): the same numbers as the
+    model's cached call and head; on CPU from weights sliced per layer once (cpu_forms)."""
+
+    def __init__(self, model: Qwen2ForCausalLM, weights: dict[str, Any] | None = None):
+        self.model, self.weights = model, weights
+
+    def __call__(self, input_ids: jax.Array, cache: kv_cache.KVCache,
+                 attention_mask: jax.Array | None = None) -> tuple[jax.Array, kv_cache.KVCache]:
+        layers = None if self.weights is None else self.weights["layers"]
+        hidden, cache = self.model._cached_hidden(input_ids, attention_mask, cache, layers)
+        return constrain(self.head(hidden), ("batch", "seq", "vocab")), cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., H] -> float32 logits [..., V]."""
+        if self.weights is None:
+            return self.model.head_logits(hidden)
+        return cpu_forms.head_logits(hidden, self.weights["head_vh"])
+
+
+def _constrain_cache(cache: kv_cache.KVCache) -> kv_cache.KVCache:
+    return cache.replace(k=constrain(cache.k, kv_cache.KV_AXES), v=constrain(cache.v, kv_cache.KV_AXES),
+                         mask=constrain(cache.mask, kv_cache.MASK_AXES))

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 DEFAULT_CHUNK = 128
 
 
-def _chunk_logprobs_entropy(hidden, lm_head, targets, temperature):
+def _chunk_logprobs_entropy(hidden, lm_head, targets, temperature, flat_tokens):
     """hidden `[B, c, H]`, lm_head `[H, V]`, targets `[B, c]` -> (logp, entropy) `[B, c]` f32."""
     b, c, h = hidden.shape
-    if jax.default_backend() == "cpu":
+    if flat_tokens:
         # One [B*c, H] @ [H, V] matmul: the head's gradient then contracts one token axis; XLA
         # CPU lowers the two-axis (B, c) contraction of the 3-D form by first transposing the
         # whole [B, c, V] logits gradient. Same numbers (tests/test_update_speed_paths.py).
@@ -31,13 +31,16 @@ def _chunk_logprobs_entropy(hidden, lm_head, targets, temperature):
     return (target_logit - lse).reshape(b, c), entropy.reshape(b, c)
 
 
-def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=DEFAULT_CHUNK):
+def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=DEFAULT_CHUNK,
+                               flat_tokens=False):
     """`(logp [B, T], entropy [B, T])`, float32, of `softmax(hidden @ lm_head / temperature)`.
 
     hidden: `[B, T, H]` final hidden states (after the final norm); lm_head: `[H, V]`;
     targets: `[B, T]` int token ids in [0, V) (the next tokens: the trainer passes
     `hidden[:, :-1]` and `tokens[:, 1:]`); temperature: the sampler's, so logp matches the
-    sampling distribution; chunk: tokens of T per step (peak memory ~ a few B*chunk*V floats).
+    sampling distribution; chunk: tokens of T per step (peak memory ~ a few B*chunk*V floats);
+    flat_tokens: the head as one 2-D matmul per chunk, the form for XLA CPU (the model's backend
+    says when: `model.backend.cpu_forms`).
     Differentiable w.r.t. hidden and lm_head; T need not be a multiple of chunk (zero padded).
     """
     hidden, lm_head, targets = jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(targets)
@@ -61,11 +64,11 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=
     # Rematerialised so the backward holds one chunk's logits at a time. A single chunk's are
     # all of them either way (alive from the forward's head to the backward's, which follows
     # it at once), and recomputing them would only cost one more [B*T, H] @ [H, V] matmul.
-    body = jax.checkpoint(_chunk_logprobs_entropy) if n > 1 else _chunk_logprobs_entropy
+    body = jax.checkpoint(_chunk_logprobs_entropy, static_argnums=(4,)) if n > 1 else _chunk_logprobs_entropy
 
     def step(carry, xs):
         h_c, t_c = xs
-        return carry, body(h_c, lm_head, t_c, temperature)
+        return carry, body(h_c, lm_head, t_c, temperature, bool(flat_tokens))
 
     _, (logp, entropy) = jax.lax.scan(step, None, (h, t))                    # [n, B, c]
     unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]  # noqa: E731

@@ -80,7 +80,7 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
     predictors = hidden[:, prompt_len - 1:-1]                                 # [B, R, H]
     targets = tokens[:, prompt_len:]                                          # [B, R]
     return logprobs.token_logprobs_and_entropy(predictors, model.lm_head_weight(), targets,
-                                               temperature, chunk)
+                                               temperature, chunk, flat_tokens=model.backend.cpu_forms)
 
 
 def batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSettings):
