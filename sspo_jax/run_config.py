@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",               # compute dtype: float32 | bfloat16
         param_dtype="float32",
         remat="none",                  # none | full | dots_saveable
+        attention="auto",              # auto | xla | splash (TPU) | cudnn (GPU, bfloat16)
         tiny=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rope_theta=10000.0, tie_word_embeddings=True),

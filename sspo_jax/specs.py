@@ -34,6 +34,7 @@ class ModelSpec:
     dtype: str
     param_dtype: str
     remat: str
+    attention: str
     tiny: tuple[tuple[str, Any], ...]   # the demo model's Qwen2Config fields (hf_dir == "")
 
     def __post_init__(self):
@@ -247,6 +248,10 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
     need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}: float32 or bfloat16")
     from sspo_jax.model import REMAT_POLICIES
     need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+    from sspo_jax.model import ATTENTION_CHOICES
+    need(m.attention in ATTENTION_CHOICES,
+         f"model.attention={m.attention!r}: choose one of {list(ATTENTION_CHOICES)} (auto: splash on "
+         "TPU, cudnn on GPU, the CPU forms on CPU)")
     if m.hf_dir:
         need(os.path.isdir(m.hf_dir) or m.hf_dir.count("/") == 1,
              f"model.hf_dir={m.hf_dir!r} is not a directory (a local Hugging Face checkpoint)")

@@ -123,12 +123,29 @@ def test_training_flops_are_six_n_per_token_when_attention_is_negligible():
     six_n = 6 * rows * (layers * 32 + head * 16)  # the LM head runs on the 16 response slots only
     assert costs.trained_tokens == rows * 32
     assert 1 < costs.train_model_flops / six_n < 1.02
-    # no remat: executed = model FLOPs + the log-prob chunks' recomputed head forward
-    assert costs.train_flops == pytest.approx(costs.train_model_flops + 2 * rows * head * 16)
+    # no remat: executed = model FLOPs + the log-prob chunks' recomputed head forward - the half of
+    # the attention square (forward and backward) that splash skips above the causal diagonal
+    attention = plan.forward_flops(cfg, rows, 32, 32, 0) - plan.forward_flops(cfg, rows, 32, 0, 0)
+    assert costs.train_flops == pytest.approx(costs.train_model_flops + 2 * rows * head * 16 - 3 * attention / 2)
+    c.model.attention = "xla"  # the whole square
+    assert plan.cost_model(c, cfg, mesh).train_flops == pytest.approx(costs.train_model_flops + 2 * rows * head * 16)
     times = plan.step_times(costs, plan.CHIPS["v5p"], 4)
     assert times.train[0] == pytest.approx(costs.train_model_flops / (4 * 459e12 * plan.TRAIN_MFU[1]))
-    # the sampler's prefill applies the LM head to the last prompt position only
-    assert costs.prefill_flops == plan.forward_flops(cfg, c.rollout.prompts_per_step, 16, 32, 1)
+    # the sampler's prefill: the prompts attend among themselves, the LM head on the last position
+    assert costs.prefill_flops == plan.forward_flops(cfg, c.rollout.prompts_per_step, 16, 16, 1)
+
+
+def test_fused_attention_keeps_no_scores_in_memory():
+    """At 4k tokens the xla path's [heads, T, T] scores dominate a layer; splash keeps none."""
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"])
+    mesh = plan.MeshPlan((1, 8, 1), (1, 1, 1), 8)
+    xla, splash = (plan.Model(cfg, mesh, "bfloat16", "float32", a) for a in ("xla", "splash"))
+    assert splash.attention(1, 4024, 4024, 6) == 0
+    assert xla.attention(1, 4024, 4024, 6) == 12 * 4024 ** 2 * 6
+    for remat in ("none", "full"):
+        assert splash.activations(1, 4024, remat) < xla.activations(1, 4024, remat) / 2
+    with pytest.raises(ValueError, match="attention='cudnn' does not run on tpu"):
+        plan.Model(cfg, mesh, "bfloat16", "float32", "cudnn")
 
 
 def _math_config(**rollout):
@@ -230,6 +247,7 @@ def test_saved_residuals_per_layer_are_what_jax_saves(remat):
     on, whatever their number)."""
     from jax._src.ad_checkpoint import saved_residuals
 
+    from sspo_jax.model.attention import xla_attention
     from sspo_jax.model.layers import decoder_layer
     from sspo_jax.model.qwen2 import REMAT_POLICIES, layer_param_specs
     b, t = 2, 96
@@ -242,23 +260,23 @@ def test_saved_residuals_per_layer_are_what_jax_saves(remat):
     def residual_bytes(layers):
         params = {name: shape((layers, *s), jnp.float32) for name, (s, _) in layer_param_specs(cfg).items()}
 
-        def step(x, p, cos, sin, visible):
-            return layer(p, x, cos, sin, visible, None, None)[0]
+        def step(x, p, cos, sin, segments):
+            return layer(p, x, cos, sin, lambda q, k, v: (xla_attention(q, k, v, segments), None))[0]
 
         if remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
         def forward(params, x):
-            # Rotary tables and mask are constants, as in the model (no gradient flows to them).
+            # Rotary tables and segments are constants, as in the model (no gradient flows to them).
             cos, sin = jnp.ones((b, t, 1, 16)), jnp.zeros((b, t, 1, 16))
-            visible = jnp.tril(jnp.ones((t, t), jnp.bool_))[None].repeat(b, 0)
-            out, _ = jax.lax.scan(lambda x, p: (step(x, p, cos, sin, visible), None), x, params)
+            segments = jnp.ones((b, t), jnp.int32)
+            out, _ = jax.lax.scan(lambda x, p: (step(x, p, cos, sin, segments), None), x, params)
             return out.astype(jnp.float32).sum()
 
         saved = saved_residuals(forward, params, shape((b, t, 128), jnp.bfloat16))
         return sum(a.size * a.dtype.itemsize for a, why in saved if "argument" not in why)
 
-    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32")
+    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32", "xla")
     assert residual_bytes(4) - residual_bytes(3) == model.saved_per_layer(b, t, remat)
 
 
@@ -282,30 +300,29 @@ def test_activation_estimate_brackets_xla_cpu_temporaries(remat):
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0,
                                                  "xla_llvm_disable_expensive_passes": True})
     xla = compiled.memory_analysis().temp_size_in_bytes
-    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "float32", "float32")
+    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "float32", "float32", "xla")
     ours = model.activations(b, t, remat) + model.logprob_head(b, r, 128, grad=True)
     assert 0.5 < xla / ours < 1.25, (xla, ours)
 
 
 @pytest.mark.parametrize("prompts,prompt_len,new_tokens", [(4, 256, 768), (16, 128, 512)])
-def test_sampler_estimate_brackets_xla_cpu_temporaries(monkeypatch, prompts, prompt_len, new_tokens):
+def test_sampler_estimate_brackets_xla_cpu_temporaries(prompts, prompt_len, new_tokens):
     """XLA's count of the temporaries of one sampler call (compile only, CPU, one device, bf16
     compute, 8 samples per prompt), compiled as it runs off CPU (the layers scanned, the KV cache
     a scan carry; on CPU the sampler unrolls the layers over per-layer weight copies instead), is
-    within 0.8x-1.3x of the plan's larger sampler phase."""
+    within 0.8x-1.3x of the plan's larger sampler phase (the TPU code path with XLA attention)."""
     from sspo_jax.generate import sampler
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the TPU code path, on CPU
     cfg = tiny(vocab_size=1000, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: M.Qwen2ForCausalLM(
-        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)))
+        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, platform="tpu", attention="xla")))
     scfg = sampler.make_config(cfg.vocab_size, max_new_tokens=new_tokens, num_samples=8, pad_id=0,
                                 eos_ids=(1,))
     ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
     compiled = sampler._generate_jit.lower(graphdef, scfg, params, ids, ids, jax.random.key(0)).compile(
         compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
     xla = compiled.memory_analysis().temp_size_in_bytes
-    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32")
+    model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32", "xla")
     items = plan_costs._sampler_items(model, "sampling", prompts, 8, prompt_len, new_tokens, False, "x")
     ours = max(sum(i.bytes for i in items if i.phase == phase)
                for phase in ("sampling: prefill", "sampling: decode"))

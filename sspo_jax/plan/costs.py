@@ -19,6 +19,9 @@ import dataclasses
 from typing import Any
 
 from sspo_jax import parallel
+import jax.numpy as jnp
+
+from sspo_jax.model.backend import resolve as resolve_backend
 from sspo_jax.model.config import Qwen2Config
 from sspo_jax.model.qwen2 import layer_param_specs
 from sspo_jax.plan.mesh import (SAMPLER_RULES, MeshPlan, matmul_params, param_arrays, param_count,
@@ -79,11 +82,18 @@ class Item:
     fix: str = ""  # what makes it smaller
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 class Model:
     """Per-device byte counts of one architecture on one mesh (formulas: docs/scaling.md)."""
 
-    def __init__(self, cfg: Qwen2Config, mesh: MeshPlan, dtype: str, param_dtype: str):
+    def __init__(self, cfg: Qwen2Config, mesh: MeshPlan, dtype: str, param_dtype: str,
+                 attention: str = "auto"):
         self.cfg, self.mesh, self.sizes = cfg, mesh, mesh.sizes
+        # The plan is for TPU slices: auto is splash there (model/backend.py).
+        self.attention_impl = resolve_backend(attention, "tpu", DTYPES[dtype]).attention
+        self.fused = self.attention_impl != "xla"
         self.c, self.p = DTYPE_BYTES[dtype], DTYPE_BYTES[param_dtype]
         t = self.sizes["tensor"]
         self.q = cfg.num_attention_heads * cfg.head_dim
@@ -124,8 +134,11 @@ class Model:
                          + 3 * cfg.intermediate_size / self.t_mlp)
 
     def attention(self, b: int, tq: int, tk: int, per_element: float) -> float:
-        """b rows' attention scores of one layer, [b, heads, tq, tk] (the whole square: plain
-        XLA attention, masked, no fused kernel)."""
+        """b rows' attention scores of one layer in HBM: [b, heads, tq, tk] with `xla` (the
+        whole square, masked); none with a fused kernel (splash holds one block at a time in
+        on-chip memory, forward and backward)."""
+        if self.fused:
+            return 0.0
         return b * self.cfg.num_attention_heads / self.t_heads * tq * tk * per_element
 
     def layer_forward(self, b: int, tq: int, tk: int) -> float:
@@ -169,7 +182,7 @@ class Model:
         layers = cfg.num_hidden_layers * self.saved_per_layer(b, t, remat)
         recompute = 0 if remat == "none" else self.layer_residuals(b, t)
         cotangents = b * t * self.token_bytes() + self.attention(b, t, t, 4 + self.c)
-        mask = self.attention(b, t, t, 1 + 4) if remat == "none" else b * t * t
+        mask = 0 if self.fused else self.attention(b, t, t, 1 + 4) if remat == "none" else b * t * t
         return layers + recompute + cotangents + mask + 8 * b * t * cfg.hidden_size
 
     def logprob_head(self, b: int, t: int, chunk: int, grad: bool) -> float:
@@ -213,8 +226,9 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
         Item(prefill, "prompt KV cache", prompt_cache,
              f"2 x L x {prompts} prompts x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
         prefill_logits(prefill),
-        Item(prefill, "prefill layer working set", model.layer_forward(b_p, prompt_len, slots),
-             "one layer over the prompts; scores against every cache slot",
+        Item(prefill, "prefill layer working set", model.layer_forward(b_p, prompt_len, prompt_len),
+             "one layer over the prompts, attending among themselves"
+             + (f" ({model.attention_impl}: no scores in HBM)" if model.fused else "; float32 scores + probabilities"),
              f"fewer prompts per sampler call (a smaller {what}) or a shorter data.max_prompt_len"),
         weights(prefill),
         Item(decode, "KV cache", model.kv_cache(rows, slots),
@@ -235,7 +249,7 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
 def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
     """Every per-device memory item of a run, by phase ("state" lives through every phase)."""
     from sspo_jax.run_config import loss_config
-    model = Model(cfg, mesh, config.model.dtype, config.model.param_dtype)
+    model = Model(cfg, mesh, config.model.dtype, config.model.param_dtype, config.model.attention)
     s, t, r, e = rollout_shapes(config), config.train, config.rollout, config.eval
     remat, chunk, pbytes = config.model.remat, t.logprob_chunk, model.p
     params = pbytes * model.params()
@@ -321,14 +335,18 @@ def forward_flops(cfg: Qwen2Config, rows: int, tokens: int, keys: int, head_toke
 def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
     from sspo_jax.run_config import loss_config
     s, t = rollout_shapes(config), config.train
-    model = Model(cfg, mesh, config.model.dtype, config.model.param_dtype)
+    model = Model(cfg, mesh, config.model.dtype, config.model.param_dtype, config.model.attention)
+    # A fused kernel skips the blocks above the causal diagonal: about half the square executed.
+    attn_executed = 0.5 if model.fused else 1.0
     # Training runs the dense padded [rows, prompt + response] arrays; the LM head only the
     # response positions.
     fwd = forward_flops(cfg, s.rows, s.seq, s.seq, s.new_tokens)
     layers_fwd = fwd - forward_flops(cfg, s.rows, 0, 0, s.new_tokens)
     attn_fwd = forward_flops(cfg, s.rows, s.seq, s.seq, 0) - forward_flops(cfg, s.rows, s.seq, 0, 0)
     head_fwd = fwd - layers_fwd
-    recompute = {"none": 0.0, "full": layers_fwd, "dots_saveable": attn_fwd}[config.model.remat]
+    skipped = (1 - attn_executed) * attn_fwd
+    recompute = {"none": 0.0, "full": layers_fwd - skipped,
+                 "dots_saveable": attn_fwd - skipped}[config.model.remat]
     passes = t.ppo_epochs
     forwards = int(config.rollout.old_logprobs == "recompute") + int(loss_config(config.loss).kl_beta > 0)
     reshard = config.mesh.sampler_reshard
@@ -345,11 +363,12 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
         prompt_tokens=s.prompts * s.prompt_len,
         sampled_tokens=s.rows * s.new_tokens,
         trained_tokens=passes * s.rows * s.seq,
-        # the LM head runs on the last prompt position only
-        prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.seq, 1),
+        # the prompts attend among themselves; the LM head runs on the last prompt position only
+        prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.prompt_len, 1),
         decode_flops=s.new_tokens * forward_flops(cfg, s.rows, 1, s.seq, 1),
         train_model_flops=passes * 3 * fwd,
-        train_flops=passes * (3 * fwd + recompute + head_fwd),  # the head's chunks are always rematerialised
+        # the head's chunks are always rematerialised
+        train_flops=passes * (3 * (fwd - skipped) + recompute + head_fwd),
         recompute_flops=forwards * fwd,
         decode_steps=s.passes * s.new_tokens,
         decode_step_bytes=weights_read + model.kv_cache(s.pass_rows, s.seq) + decode_logits,
@@ -409,6 +428,7 @@ class Plan:
     fits: bool
     costs: Costs
     times: Times
+    attention: str   # the implementation the model runs on the slice (model/backend.py)
 
 
 def analyse(config, config_name: str, slice_: Slice) -> Plan:
@@ -419,7 +439,8 @@ def analyse(config, config_name: str, slice_: Slice) -> Plan:
     return Plan(config, config_name, slice_, name, cfg, param_count(cfg), mesh, shapes,
                 items, totals, problems(shapes, mesh, items, totals, slice_.chip.hbm_bytes),
                 max(totals.values()) <= FIT_FRACTION * slice_.chip.hbm_bytes, costs,
-                step_times(costs, slice_.chip, mesh.devices))
+                step_times(costs, slice_.chip, mesh.devices),
+                Model(cfg, mesh, config.model.dtype, config.model.param_dtype, config.model.attention).attention_impl)
 
 
 def render(config, config_name: str, slice_: Slice, show_items: bool = True) -> str:

@@ -191,7 +191,8 @@ def report(p, show_items: bool = True) -> str:
         f"- model: {p.model_name}: {p.params / 1e9:.3g}e9 parameters (hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, "
         f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} head); "
-        f"parameters {config.model.param_dtype}, compute {config.model.dtype}, remat {config.model.remat}",
+        f"parameters {config.model.param_dtype}, compute {config.model.dtype}, remat {config.model.remat}, "
+        f"attention {p.attention}",
         f"- slice: {slice_.name}: {slice_.chips} chips ({slice_.hosts} host(s)) x {gib(hbm)} HBM, "
         f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip; "
         f"ICI {chip.ici_bandwidth / 1e9:.0f} GB/s per chip both ways over {chip.ici_ports} links "
@@ -236,7 +237,8 @@ def report(p, show_items: bool = True) -> str:
            f"{chip.ici_gather_bandwidth / 1e9:.3g} GB/s)" if costs.decode_step_ici_bytes else "")
         + " per device per step |",
         f"| training (model FLOPs) | {_flops(costs.train_model_flops)} | {_seconds(times.train)} | "
-        f"MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%}; executed with remat: {_flops(costs.train_flops)} |",
+        f"MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%}; executed with remat: {_flops(costs.train_flops)}"
+        + (" (the fused kernel skips the blocks above the causal diagonal)" if p.attention != "xla" else "") + " |",
     ]
     if costs.recompute_flops:
         lines.append(f"| old / reference log-probs | {_flops(costs.recompute_flops)} | "

@@ -27,10 +27,12 @@ def build_policy(m: ModelSpec, seed: int, mesh=None):
     tokenizer = _tokenizer(m)
     if m.hf_dir:
         model = model_lib.from_pretrained(_local_checkpoint(m.hf_dir), dtype=dtype,
-                                          param_dtype=param_dtype, remat=m.remat, mesh=mesh)
+                                          param_dtype=param_dtype, remat=m.remat, mesh=mesh,
+                                          attention=m.attention)
         return tokenizer, model
     model = model_lib.Qwen2ForCausalLM(_model_config(m, tokenizer), rngs=nnx.Rngs(seed),
-                                       dtype=dtype, param_dtype=param_dtype, remat=m.remat)
+                                       dtype=dtype, param_dtype=param_dtype, remat=m.remat,
+                                       attention=m.attention, platform=_platform(mesh))
     return tokenizer, model
 
 
@@ -43,7 +45,12 @@ def policy_skeleton(m: ModelSpec, mesh):
     cfg = (model_lib.Qwen2Config.from_hf(_local_checkpoint(m.hf_dir, weights=False)) if m.hf_dir
            else _model_config(m, tokenizer))
     return tokenizer, model_lib.abstract_model(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
-                                               remat=m.remat)
+                                               remat=m.remat, attention=m.attention)
+
+
+def _platform(mesh) -> str | None:
+    """The platform of the mesh's devices (the model's backend decision), None without a mesh."""
+    return None if mesh is None else model_lib.platform_of(mesh)
 
 
 def _tokenizer(m: ModelSpec, weights: bool = True):
