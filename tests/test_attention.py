@@ -20,6 +20,8 @@ from sspo_jax.model import cpu_forms
 
 REL_TOL = 2e-5
 on_gpu = jax.default_backend() == "gpu"
+# Splash is a TPU kernel; off a TPU it runs interpreted, which the CPU tests do (not the GPU check).
+splash_here = pytest.mark.skipif(on_gpu, reason="splash runs on TPU, and interpreted on CPU")
 
 
 def _segments(b: int, t: int, rng) -> np.ndarray:
@@ -79,18 +81,21 @@ def test_cpu_query_blocks_equal_xla(b, t, hkv, groups, d):
     _check_against_xla(cpu_forms.causal_block_attention, b, t, hkv, groups, d)
 
 
+@splash_here
 @pytest.mark.parametrize("b,t,hkv,groups,d", SHAPES)
 def test_splash_equals_xla(b, t, hkv, groups, d):
-    _check_against_xla(functools.partial(A.splash_attention, interpret=not jax.default_backend() == "tpu"),
+    _check_against_xla(functools.partial(A.splash_attention, interpret=jax.default_backend() != "tpu"),
                        b, t, hkv, groups, d)
 
 
+@splash_here
 def test_splash_over_several_blocks_equals_xla():
     """T = 1.5 blocks of 512: several query/key blocks, causal block skipping, a padded tail."""
-    _check_against_xla(functools.partial(A.splash_attention, interpret=not jax.default_backend() == "tpu"),
+    _check_against_xla(functools.partial(A.splash_attention, interpret=jax.default_backend() != "tpu"),
                        1, 768, 1, 2, 64)
 
 
+@splash_here
 def test_splash_on_a_2x2x2_mesh_equals_xla():
     """Under data=2 x fsdp=2 x tensor=2: rows split 4 ways, kv heads 2 ways, in shard_map."""
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
@@ -150,3 +155,9 @@ def test_backend_choices():
         B.resolve("cudnn", "gpu", jnp.float32)
     with pytest.raises(ValueError, match="attention='flash': choose one of"):
         B.resolve("flash", "cpu")
+
+
+def test_cudnn_needs_a_head_dim_it_has_a_kernel_for():
+    assert B.resolve("auto", "gpu", jnp.bfloat16, head_dim=12) == B.Backend("gpu", "xla")
+    with pytest.raises(ValueError, match="multiple of 8 and at most 256, this model's is 12"):
+        B.resolve("cudnn", "gpu", jnp.bfloat16, head_dim=12)

@@ -56,6 +56,7 @@ def test_float32_logits_match_transformers(case):
     assert np.abs(out - ref)[real].max() <= F32_MAX_ABS
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="splash runs on TPU, and interpreted on CPU")
 def test_splash_logits_match_transformers(case):
     """The model with attention='splash' (Pallas's interpreter on CPU) within the float32 bound."""
     path, ids, mask, ref, _ = case
@@ -67,7 +68,7 @@ def test_splash_logits_match_transformers(case):
     assert np.abs(out - ref)[real].max() <= F32_MAX_ABS
 
 
-@pytest.mark.parametrize("attention", ["xla", "splash"])
+@pytest.mark.parametrize("attention", ["xla", "splash" if jax.default_backend() != "gpu" else "auto"])
 def test_packed_sequences_give_each_sequence_alone(case, attention):
     """Three prompts packed in one row (segment ids 1, 2, 3, then padding): each one's logits
     equal the prompt run alone; positions restart in every sequence."""

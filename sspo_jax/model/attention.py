@@ -25,6 +25,7 @@ from sspo_jax.parallel import logical_to_spec
 MASK_VALUE = -1e30
 SPLASH_BLOCK = 512    # splash's query/key block; shorter sequences use one block (a multiple of 128)
 SPLASH_ALIGN = 128    # the TPU lane width: splash blocks are multiples of it
+CUDNN_ALIGN = 8       # cudnn_attention pads T to a multiple of this
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -74,9 +75,18 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     """cuDNN flash attention (`jax.nn.dot_product_attention`, implementation="cudnn"): causal in
     the kernel, the segments as a [B, 1, T, T] mask (one per row, shared by the heads; jax turns
     it into an additive bias). No [T, T] scores per head exist, forward or backward.
-    implementation="xla": the same call through JAX's reference (tests off a GPU)."""
+    implementation="xla": the same call through JAX's reference (tests off a GPU).
+
+    T is padded to a multiple of CUDNN_ALIGN (a segment of its own, sliced off): cuDNN's
+    backward with a bias needs an even length."""
+    t = q.shape[1]
+    pad = -t % CUDNN_ALIGN
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation=implementation)
+    return out[:, :t]
 
 
 def _splash_kernel(t: int, groups: int, block: int, interpret: bool):

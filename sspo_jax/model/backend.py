@@ -28,6 +28,7 @@ ATTENTION_CHOICES = ("auto", "xla", "splash", "cudnn")
 PLATFORMS = ("cpu", "gpu", "tpu")
 _RUNS_ON = {"xla": PLATFORMS, "splash": ("tpu", "cpu"), "cudnn": ("gpu",)}
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention on Hopper and later (128 before: cuDNN says so)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +58,20 @@ def platform_of(devices: Any = None) -> str:
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
-def resolve(attention: str = "auto", platform: str | None = None, dtype: Any = jnp.float32) -> Backend:
+def resolve(attention: str = "auto", platform: str | None = None, dtype: Any = jnp.float32,
+            head_dim: int = 128) -> Backend:
     """The Backend for an `attention` choice on `platform` (None: the first JAX device's) for a
-    model computing in `dtype`. Raises ValueError naming the problem before anything compiles."""
+    model computing in `dtype` with `head_dim`. Raises ValueError naming the problem before
+    anything compiles."""
     platform = platform or platform_of()
     if platform not in PLATFORMS:
         raise ValueError(f"platform {platform!r}: the model runs on {PLATFORMS}")
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention={attention!r}: choose one of {ATTENTION_CHOICES}")
     half = np.dtype(dtype) in _HALF
+    cudnn_head = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
     if attention == "auto":
-        attention = {"tpu": "splash", "gpu": "cudnn" if half else "xla", "cpu": "xla"}[platform]
+        attention = {"tpu": "splash", "gpu": "cudnn" if half and cudnn_head else "xla", "cpu": "xla"}[platform]
     if platform not in _RUNS_ON[attention]:
         raise ValueError(f"attention={attention!r} does not run on {platform}: it runs on "
                          f"{list(_RUNS_ON[attention])}; use attention='auto' or 'xla'")
@@ -75,6 +79,9 @@ def resolve(attention: str = "auto", platform: str | None = None, dtype: Any = j
         raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype (cuDNN flash "
                          f"attention has no {np.dtype(dtype).name} kernel): set model.dtype=bfloat16, "
                          "or use attention='xla'")
+    if attention == "cudnn" and not cudnn_head:
+        raise ValueError(f"attention='cudnn' needs a head_dim that is a multiple of 8 and at most "
+                         f"{CUDNN_MAX_HEAD_DIM}, this model's is {head_dim}: use attention='xla'")
     if attention == "splash" and platform == "cpu":
         log.warning("attention='splash' on cpu runs through the Pallas interpreter: exact, and "
                     "slow (meant for tests)")

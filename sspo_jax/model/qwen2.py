@@ -111,7 +111,7 @@ class Qwen2ForCausalLM(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
-        self.backend = backend_lib.resolve(attention, platform, dtype)
+        self.backend = backend_lib.resolve(attention, platform, dtype, cfg.head_dim)
         normal = nnx.initializers.normal(0.02)
         self.embed = _param(normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
                             ("vocab", "embed"))

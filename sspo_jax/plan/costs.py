@@ -92,7 +92,7 @@ class Model:
                  attention: str = "auto"):
         self.cfg, self.mesh, self.sizes = cfg, mesh, mesh.sizes
         # The plan is for TPU slices: auto is splash there (model/backend.py).
-        self.attention_impl = resolve_backend(attention, "tpu", DTYPES[dtype]).attention
+        self.attention_impl = resolve_backend(attention, "tpu", DTYPES[dtype], cfg.head_dim).attention
         self.fused = self.attention_impl != "xla"
         self.c, self.p = DTYPE_BYTES[dtype], DTYPE_BYTES[param_dtype]
         t = self.sizes["tensor"]

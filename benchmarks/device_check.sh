@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks, one script (under 8 minutes on one H200): the accelerator tests, then the GPU
+# benchmarks (benchmarks/accelerator.py), their tables printed and written to $OUT (or
+# ./device_check_out). Run it whenever the device tool lends a GPU, from the repository root:
+#     bash benchmarks/device_check.sh
+# and record the tables in BENCHMARKS.md with the machine. The project never needs it to pass
+# its tests (CI runs on CPU, where the cudnn tests skip).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-device_check_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_PLATFORMS=cuda                   # tests/conftest.py defaults to cpu
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6   # leave PyTorch (the peers) the rest of the GPU
+py=python3
+nvidia-smi -L 2>&1 | tee "$out/machine.txt"
+$py -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/machine.txt"
+
+# 1. The accelerator tests: cudnn against xla (forward, gradient), the model against transformers
+#    (float32 on xla at full matmul precision; bfloat16 on cudnn, the auto choice on GPU).
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $py -m pytest -q -x -p no:cacheprovider \
+    tests/test_attention.py tests/test_model_parity.py 2>&1 | tee "$out/tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+# 2. The benchmarks, each against its peer in the same run.
+timeout 260 $py benchmarks/accelerator.py --json "$out/accelerator.json" 2>&1 | tee "$out/accelerator.md"
+bench_rc=${PIPESTATUS[0]}
+
+echo "device_check: tests rc=$tests_rc, benchmarks rc=$bench_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
