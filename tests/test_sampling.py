@@ -200,17 +200,20 @@ def test_prompts_of_one_bucket_compile_once(models, greedy_eos):
     assert run([17, 3, 2, 2], 17) == first + 1
 
 
-def test_scanned_decode_path_of_gpus_and_tpus_gives_the_same_output(models, batch, monkeypatch):
-    """Off CPU the sampler keeps the scanned layers (no per-layer weight copies); same result.
-    The pad id is static, so a different one traces a fresh program (with no EOS ids there is
-    no padding in the output, so it cannot change the result)."""
-    _, model = models
+@pytest.mark.parametrize("platform,attention", [("gpu", "xla"), ("cpu", "splash")])
+def test_other_backends_give_the_same_output(models, batch, tmp_path, platform, attention):
+    """A model built for another platform (the scanned layers, no per-layer weight copies), or
+    with splash (the prompts' prefill through the Pallas kernel, interpreted on CPU), samples the
+    same tokens and log-probs as the CPU forms with xla."""
+    hf, model = models
+    hf.save_pretrained(tmp_path)
+    other_model = M.from_pretrained(tmp_path, platform=platform, attention=attention)
+    assert other_model.backend == M.Backend(platform, attention)
     ids, mask = batch
-    kwargs = dict(num_samples=2, max_new_tokens=11, temperature=0.8, top_p=0.9, eos_ids=())
-    cpu = sampler.generate(model, ids, mask, jax.random.key(3), pad_id=0, **kwargs)
-    monkeypatch.setattr(sampler.jax, "default_backend", lambda: "gpu")
+    kwargs = dict(num_samples=2, max_new_tokens=11, temperature=0.8, top_p=0.9, eos_ids=(), pad_id=0)
+    cpu = sampler.generate(model, ids, mask, jax.random.key(3), **kwargs)
     count = sampler.compile_count()
-    other = sampler.generate(model, ids, mask, jax.random.key(3), pad_id=1, **kwargs)
-    assert sampler.compile_count() == count + 1
+    other = sampler.generate(other_model, ids, mask, jax.random.key(3), **kwargs)
+    assert sampler.compile_count() == count + 1  # its own program
     np.testing.assert_array_equal(np.asarray(other.tokens), np.asarray(cpu.tokens))
     np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(cpu.logprobs), atol=1e-5)

@@ -182,10 +182,11 @@ class Qwen2ForCausalLM(nnx.Module):
         def step(x, params):
             return layer(params, x, cos, sin, attend)
 
-        # Unrolled on CPU: a rolled loop's backward reads every saved activation from a stacked
-        # [L, ...] buffer (zero-filled, then one slice written and one read per layer), which XLA
-        # CPU does as separate copies. Still one scan in the jaxpr.
-        unroll = cfg.num_hidden_layers if self.backend.cpu_forms else 1
+        # Unrolled on CPU for training: a rolled loop's backward reads every saved activation
+        # from a stacked [L, ...] buffer (zero-filled, then one slice written and one read per
+        # layer), which XLA CPU does as separate copies. Still one scan in the jaxpr. A prefill
+        # (keep_kv: no backward) stays rolled, which halves the sampler's compile time.
+        unroll = cfg.num_hidden_layers if self.backend.cpu_forms and not keep_kv else 1
         x, kv = jax.lax.scan(step, self._embed(input_ids), self.layers.stacked(), unroll=unroll)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), kv
 
