@@ -230,9 +230,11 @@ def _save_random_hf(raw: dict, out_dir: str):
     both sides."""
     import torch
     import transformers
-    config = transformers.Qwen2Config(**{k: v for k, v in raw.items()}, torch_dtype="bfloat16")
+    config = transformers.Qwen2Config(**raw, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16)
+    # Initialised on the GPU when there is one (1.5B random weights on the host take a minute).
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        hf = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16)
     hf.save_pretrained(out_dir)
     return hf
 
