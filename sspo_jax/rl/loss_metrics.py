@@ -24,9 +24,10 @@ def _any_per_unit(flags, ids, n):
     return jax.ops.segment_max(stacked, ids.ravel(), num_segments=n) > 0
 
 
-def policy_metrics(*, w, d, mask, seg, lo, hi, clip_low, clip_high, dual_hit, entropy, kl,
+def policy_metrics(*, w, d, mask, seg, resp, lo, hi, clip_low, clip_high, dual_hit, entropy, kl,
                    pg_loss, loss):
-    """Metric dict of one (micro-)batch; all arguments `[B, T]` except the scalar losses.
+    """Metric dict of one (micro-)batch; all arguments `[B, T]` except the scalar losses (seg,
+    resp: subsentence and response ids below B*T).
 
     Clip fractions count a token as clipped when the clipped branch of the surrogate is the one
     taken (low: A < 0 and w < 1 - eps_low; high: A > 0 and w > 1 + eps_high); a subsentence or a
@@ -43,17 +44,16 @@ def policy_metrics(*, w, d, mask, seg, lo, hi, clip_low, clip_high, dual_hit, en
         flags["dual"] = dual_hit
     # Column 0: the subsentence holds a response token at all (is valid); then one per flag.
     per_subsentence = _any_per_unit([mask, *flags.values()], seg, n)
-    valid_seg = per_subsentence[:, 0]
-    num_subsentences = jnp.sum(valid_seg).astype(f)
-    nonempty = jnp.sum(mask, axis=1) > 0                                      # [B]
-    num_responses = jnp.sum(nonempty).astype(f)
+    num_subsentences = jnp.sum(per_subsentence[:, 0]).astype(f)
+    per_response = _any_per_unit([mask, *flags.values()], resp, n)           # resp: response ids
+    num_responses = jnp.sum(per_response[:, 0]).astype(f)
     out = {}
     for j, (kind, flag) in enumerate(flags.items(), start=1):
         _ratio(out, f"clip_frac_{kind}/token", jnp.sum(flag).astype(f), tokens)
         _ratio(out, f"clip_frac_{kind}/subsentence",
                jnp.sum(per_subsentence[:, j]).astype(f), num_subsentences)
         _ratio(out, f"clip_frac_{kind}/response",
-               jnp.sum(jnp.any(flag, axis=1)).astype(f), num_responses)
+               jnp.sum(per_response[:, j]).astype(f), num_responses)
     _ratio(out, "ratio_mean", jnp.sum(w * m), tokens)
     out["ratio_min/min"] = jnp.min(jnp.where(mask, w, jnp.inf))
     out["ratio_max/max"] = jnp.max(jnp.where(mask, w, -jnp.inf))

@@ -110,14 +110,20 @@ def rebase_segments(seg):
     return seg - seg[:, :1] + (jnp.arange(B, dtype=jnp.int32) * T)[:, None]
 
 
-def _unit_ids(level: str, seg):
+def row_ids(shape) -> jax.Array:
+    """`[B, T]` response ids of the padded layout (one response per row): row i is i*T."""
+    B, T = shape
+    return jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None] * T, (B, T))
+
+
+def _unit_ids(level: str, seg, resp):
     """`[B, T]` ids of the unit each token shares its ratio with, all below B*T."""
     B, T = seg.shape
     if level == "token":
         return jnp.arange(B * T, dtype=jnp.int32).reshape(B, T)
     if level == "subsentence":
         return seg
-    return jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None] * T, (B, T))
+    return resp
 
 
 def _segment_mean(x, mask, ids):
@@ -137,7 +143,7 @@ def _masked_log_ratio(cfg: LossConfig, logp, old_logp, mask):
     return jnp.clip(d, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
 
 
-def _surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg):
+def _surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg, resp):
     """Token surrogate log w_t = l_t - sg(l_t) + sg(log S_k(t)): value log S_k, gradient dl_t.
 
     log S_k is the mean of the clamped d over the unit k (token, subsentence or response): one
@@ -145,7 +151,7 @@ def _surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg):
     values), so no second clamp is needed before the exp.
     """
     d = jax.lax.stop_gradient(_masked_log_ratio(cfg, logp, old_logp, mask))
-    ids = _unit_ids(cfg.level, seg)
+    ids = _unit_ids(cfg.level, seg, resp)
     log_s, _ = _segment_mean(d, mask, ids)
     return logp - jax.lax.stop_gradient(logp) + log_s[ids], d
 
@@ -181,25 +187,34 @@ def clip_bounds(cfg: LossConfig, mask, seg, entropy):
     return lo, hi
 
 
-def aggregate(cfg: LossConfig, x, mask, num_tokens=None, num_seqs=None):
+def aggregate(cfg: LossConfig, x, mask, num_tokens=None, num_seqs=None, *, resp=None,
+              response_len=None):
     """Scalar aggregate of per-token x `[B, T]` by cfg.aggregation.
 
     num_tokens / num_seqs: the masked token count / non-empty response count of the whole
     mini-batch when this call sees one micro-batch of it, so the micro-batch results add up to
-    the mini-batch's. Default: this batch's own counts.
+    the mini-batch's. Default: this batch's own counts. resp: `[B, T]` response ids (below B*T,
+    as `rebase_segments` makes them) when rows hold several responses or parts of them (packed
+    rows); None: one response per row. response_len: the padded response length, the default
+    divisor of seq-mean-token-sum-norm (default T).
     """
     w = mask.astype(x.dtype)
     if cfg.aggregation == "token-mean":
         n = jnp.sum(w) if num_tokens is None else num_tokens
         return jnp.sum(x * w) / jnp.maximum(n, 1)
-    tokens_per_row = jnp.sum(w, axis=1)                                         # [B]
+    if resp is None:
+        tokens_per, sums = jnp.sum(w, axis=1), jnp.sum(x * w, axis=1)          # [B]
+    else:
+        both = jax.ops.segment_sum(jnp.stack([(x * w).ravel(), w.ravel()], axis=1), resp.ravel(),
+                                   num_segments=resp.size)
+        sums, tokens_per = both[:, 0], both[:, 1]                               # [B*T] by id
     if cfg.aggregation == "seq-mean-token-mean":
-        per_row = jnp.sum(x * w, axis=1) / jnp.maximum(tokens_per_row, 1)
+        per_response = sums / jnp.maximum(tokens_per, 1)
     else:  # seq-mean-token-sum-norm: a constant divisor, the same for every response
-        norm = mask.shape[1] if cfg.token_sum_norm is None else cfg.token_sum_norm
-        per_row = jnp.sum(x * w, axis=1) / norm
-    n = jnp.sum(tokens_per_row > 0) if num_seqs is None else num_seqs
-    return jnp.sum(per_row) / jnp.maximum(n, 1)
+        norm = cfg.token_sum_norm or (response_len or mask.shape[1])
+        per_response = sums / norm
+    n = jnp.sum(tokens_per > 0) if num_seqs is None else num_seqs
+    return jnp.sum(per_response) / jnp.maximum(n, 1)
 
 
 def _check_shapes(logp, old_logp, adv, mask, seg, lo, hi, ref_logp, entropy):
@@ -213,12 +228,12 @@ def _check_shapes(logp, old_logp, adv, mask, seg, lo, hi, ref_logp, entropy):
     for name, x in (("lo", lo), ("hi", hi)):
         if jnp.shape(x) not in ((), shape):
             raise ValueError(f"{name} must be a scalar or [B, T] = {shape}, got {jnp.shape(x)}")
-    if jnp.shape(adv) != shape[:1]:
-        raise ValueError(f"adv must be [B] = {shape[:1]}, got {jnp.shape(adv)}")
+    if jnp.shape(adv) not in (shape[:1], shape):
+        raise ValueError(f"adv must be [B] = {shape[:1]} or per token [B, T], got {jnp.shape(adv)}")
 
 
 def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tokens=None, *,
-                num_seqs=None, ref_logp=None, entropy=None):
+                num_seqs=None, ref_logp=None, entropy=None, resp=None, response_len=None):
     """Clipped-surrogate loss and its metrics: `(loss scalar, metrics dict)`.
 
     logp: `[B, T]` current-policy token log-probs (the only input with a gradient); old_logp:
@@ -226,6 +241,9 @@ def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tok
     lo, hi: clip bounds, scalars or `[B, T]` from `clip_bounds`; num_tokens / num_seqs: whole
     mini-batch counts for gradient accumulation (see `aggregate`); ref_logp `[B, T]`: the
     reference policy, required when kl_beta > 0; entropy `[B, T]`: only for the metrics.
+    Packed rows (several responses per row, a response possibly split over micro-batches): adv
+    per token `[B, T]`, resp `[B, T]` response ids (like seg: unique per response, made valid
+    by `rebase_segments`), response_len the padded response length (see `aggregate`).
     Metrics are numerator/denominator pairs: merge micro-batches with `combine_metrics`, read
     them with `finalize_metrics`.
     """
@@ -235,10 +253,13 @@ def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tok
                          f"token log-probs); pass it or set kl_beta=0")
     mask = jnp.asarray(mask).astype(bool)
     seg = rebase_segments(seg)
+    rows = resp is None
+    resp = row_ids(mask.shape) if rows else rebase_segments(resp)
     logp = jnp.where(mask, logp, 0.0)  # garbage (even inf) on padding must not reach the grad
-    log_w, d = _surrogate_log_ratio(cfg, logp, jnp.where(mask, old_logp, 0.0), mask, seg)
+    log_w, d = _surrogate_log_ratio(cfg, logp, jnp.where(mask, old_logp, 0.0), mask, seg, resp)
     w = jnp.exp(log_w)                                                          # [B, T]
-    a = jnp.asarray(adv, w.dtype)[:, None]                                      # [B, 1]
+    a = jnp.asarray(adv, w.dtype)
+    a = a[:, None] if a.ndim == 1 else a                                        # [B, 1] or [B, T]
     lo = jnp.broadcast_to(jnp.asarray(lo, w.dtype), w.shape)
     hi = jnp.broadcast_to(jnp.asarray(hi, w.dtype), w.shape)
     # min(w A, clip(w) A) written as a choice, so a clipped token has exactly zero gradient.
@@ -249,15 +270,16 @@ def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tok
     if cfg.dual_clip is not None:
         dual_hit = mask & (a < 0) & (w > cfg.dual_clip)  # w A < c A: bounded below by c A
         u = jnp.where(dual_hit, cfg.dual_clip * a, u)
-    pg_loss = -aggregate(cfg, u, mask, num_tokens, num_seqs)
+    by = dict(resp=None if rows else resp, response_len=response_len)
+    pg_loss = -aggregate(cfg, u, mask, num_tokens, num_seqs, **by)
     loss, kl = pg_loss, None
     if ref_logp is not None:
         r = jnp.clip(jnp.where(mask, ref_logp, 0.0) - logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
         kl = jnp.exp(r) - r - 1.0                                               # k3 >= 0
         if cfg.kl_beta > 0:
-            loss = loss + cfg.kl_beta * aggregate(cfg, kl, mask, num_tokens, num_seqs)
+            loss = loss + cfg.kl_beta * aggregate(cfg, kl, mask, num_tokens, num_seqs, **by)
     metrics = loss_metrics.policy_metrics(
-        w=w, d=d, mask=mask, seg=seg, lo=lo, hi=hi, clip_low=clip_low, clip_high=clip_high,
+        w=w, d=d, mask=mask, seg=seg, resp=resp, lo=lo, hi=hi, clip_low=clip_low, clip_high=clip_high,
         dual_hit=dual_hit if cfg.dual_clip is not None else None, entropy=entropy, kl=kl,
         pg_loss=pg_loss, loss=loss)
     return loss, metrics
