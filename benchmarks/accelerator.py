@@ -140,8 +140,9 @@ def update_rows(args) -> list[dict]:
                                  micro_batch_size=args.micro_batch, logprob_chunk=256)
     t = p + r
     layers, head = _matmul_params(cfg)
-    # model FLOPs: 6 N per token for the layers, the head on the response only, causal attention
-    flops = 6 * b * (layers * t + head * r) + 3 * 2 * b * cfg.num_hidden_layers * (
+    # model FLOPs: 6 N per token for the layers, the head on the response only, and causal
+    # attention: QK^T and PV over the lower triangle, 2 x 2 nq d t^2 / 2 forward, x 3 with backward
+    flops = 6 * b * (layers * t + head * r) + 3 * b * cfg.num_hidden_layers * (
         2 * cfg.num_attention_heads * cfg.head_dim * t * t)
     rows = []
     for impl in impls:
@@ -250,7 +251,8 @@ def _hf_decode_ms(hf, ids, n, reps) -> float | None:
     def gen(new):
         with torch.no_grad():
             hf.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
+                        do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static",
+                        disable_compile=True)  # eager: a torch.compile would eat the time budget
         torch.cuda.synchronize()
 
     return 1e3 * (timed(lambda: gen(n), reps) - timed(lambda: gen(1), reps)) / (n - 1)

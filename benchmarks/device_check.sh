@@ -16,7 +16,7 @@ export JAX_PLATFORMS=$([ "$dry" = 1 ] && echo cpu || echo cuda)   # tests/confte
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6   # leave PyTorch (the peers) the rest of the GPU
 py=${PYTHON:-python3}
 (nvidia-smi -L 2>&1 || true) | tee "$out/machine.txt"
-$py -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/machine.txt"
+$py -c "import jax, flax, optax, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, jax.devices())" 2>&1 | tee -a "$out/machine.txt"
 
 # 1. The accelerator tests: cudnn against xla (forward, gradient), the model against transformers
 #    (float32 on xla at full matmul precision; bfloat16 on cudnn, the auto choice on GPU).

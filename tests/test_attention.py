@@ -96,11 +96,13 @@ def test_splash_over_several_blocks_equals_xla():
 
 
 @splash_here
-def test_splash_on_a_2x2x2_mesh_equals_xla():
-    """Under data=2 x fsdp=2 x tensor=2: rows split 4 ways, kv heads 2 ways, in shard_map."""
+@pytest.mark.parametrize("hkv,groups", [(2, 3), (1, 4)])
+def test_splash_on_a_2x2x2_mesh_equals_xla(hkv, groups):
+    """Under data=2 x fsdp=2 x tensor=2, in shard_map: rows split 4 ways, and kv heads 2 ways
+    (2 kv heads) or each kv head's query heads 2 ways (1 kv head)."""
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     splash = functools.partial(A.splash_attention, interpret=True)
-    q, k, v, seg = _inputs(4, 136, 2, 3, 64, seed=5)
+    q, k, v, seg = _inputs(4, 136, hkv, groups, 64, seed=5)
     cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.float32)
     want_out, want_grads = _fwd_and_grads(A.xla_attention, q, k, v, seg, cotangent)
     with parallel.using_mesh(mesh):
@@ -109,7 +111,9 @@ def test_splash_on_a_2x2x2_mesh_equals_xla():
             for x in (q, k, v, seg, cotangent))
         out, grads = _fwd_and_grads(splash, q_s, k_s, v_s, seg_s, c_s)
         hlo = jax.jit(splash).lower(q_s, k_s, v_s, seg_s).as_text()
-    assert "shard_map" in hlo or "sdy.manual_computation" in hlo
+    assert "sdy.manual_computation" in hlo
+    local_q = f"tensor<1x136x{hkv // 2 or 1}x{groups // 2 if hkv == 1 else groups}x64xf32>"
+    assert local_q in hlo  # each device's share: 1 row, and half the kv heads or half of each group
     assert out.sharding.spec[0] == ("data", "fsdp")
     assert _rel(out, want_out) < REL_TOL
     for got, want in zip(grads, want_grads):

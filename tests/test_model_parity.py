@@ -68,12 +68,17 @@ def test_splash_logits_match_transformers(case):
     assert np.abs(out - ref)[real].max() <= F32_MAX_ABS
 
 
-@pytest.mark.parametrize("attention", ["xla", "splash" if jax.default_backend() != "gpu" else "auto"])
+FUSED = "cudnn" if jax.default_backend() == "gpu" else "splash"
+
+
+@pytest.mark.parametrize("attention", ["xla", FUSED])
 def test_packed_sequences_give_each_sequence_alone(case, attention):
     """Three prompts packed in one row (segment ids 1, 2, 3, then padding): each one's logits
-    equal the prompt run alone; positions restart in every sequence."""
+    equal the prompt run alone; positions restart in every sequence. cudnn (GPU) in bfloat16,
+    to 2e-2 (bf16 rounding of two differently shaped kernels), float32 to 1e-5 otherwise."""
     path, ids, mask, _, _ = case
-    m = M.from_pretrained(path, attention=attention)
+    half = attention == "cudnn"
+    m = M.from_pretrained(path, attention=attention, dtype=jnp.bfloat16 if half else jnp.float32)
     rows = [ids[r, -int(mask[r].sum()):].numpy() for r in (0, 1, 3)]
     packed = np.concatenate(rows + [np.zeros(3, np.int64)])[None]
     seg = np.concatenate([np.full(len(x), i + 1) for i, x in enumerate(rows)] + [np.zeros(3, np.int64)])[None]
@@ -81,7 +86,7 @@ def test_packed_sequences_give_each_sequence_alone(case, attention):
     at = 0
     for x in rows:
         alone = np.asarray(forward(m, jnp.asarray(x[None]), jnp.ones((1, len(x)), jnp.int32)))[0]
-        np.testing.assert_allclose(got[at:at + len(x)], alone, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[at:at + len(x)], alone, atol=2e-2 if half else 1e-5, rtol=0)
         at += len(x)
 
 

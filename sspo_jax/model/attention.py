@@ -74,7 +74,10 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                     implementation: str = "cudnn") -> jax.Array:
     """cuDNN flash attention (`jax.nn.dot_product_attention`, implementation="cudnn"): causal in
     the kernel, the segments as a [B, 1, T, T] mask (one per row, shared by the heads; jax turns
-    it into an additive bias). No [T, T] scores per head exist, forward or backward.
+    it into an additive bias in the compute dtype, and the backward also writes its unused
+    gradient: 2 B T^2 bytes each way per layer, against the `xla` path's 4-6 B heads T^2). No
+    [T, T] scores per head exist, forward or backward. (cuDNN's packed layout, sequence offsets
+    instead of a bias, is reachable only through JAX's private API; not used.)
     implementation="xla": the same call through JAX's reference (tests off a GPU).
 
     T is padded to a multiple of CUDNN_ALIGN (a segment of its own, sliced off): cuDNN's
@@ -105,8 +108,10 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool):
     """splash on arrays of one device: q [B, T, Hkv, G, D] (pre-scaled), k, v [B, T, Hkv, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
     b, t, hkv, g, d = q.shape
-    block = SPLASH_BLOCK if t > SPLASH_BLOCK else -(-t // SPLASH_ALIGN) * SPLASH_ALIGN
-    padded = -(-t // block) * block
+    padded = -(-t // SPLASH_ALIGN) * SPLASH_ALIGN
+    # The largest block of SPLASH_BLOCK, 256, 128 that divides the padded length (so T = 600
+    # pads to 640 in blocks of 128, not to 1024).
+    block = next(blk for blk in (SPLASH_BLOCK, 256, SPLASH_ALIGN) if padded % blk == 0) if padded > SPLASH_BLOCK else padded
     if padded != t:  # the tail is a segment no real token is in (id -1), sliced off below
         pad = padded - t
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
@@ -129,8 +134,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     """Pallas TPU splash attention (causal, segment ids, GQA as one MQA kernel per kv head).
 
     Under a mesh the kernel runs per device in `shard_map`: rows split like the batch axis, kv
-    heads (with their query heads) like `kv_heads`, each where the mesh axis divides the size
-    (else replicated over it, as the sharding rules do), the sequence whole.
+    heads (with their query heads) like `kv_heads`, each where the mesh axis divides the size,
+    else the query heads of each kv head like `heads` (2 kv heads on a 4-way tensor axis: each
+    device runs its share of every group), else replicated; the sequence whole.
     interpret: through Pallas's interpreter (off a TPU; exact, slow)."""
     b, t, nq, d = q.shape
     hkv = k.shape[2]
@@ -138,8 +144,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     local = functools.partial(_splash_local, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is not None and not mesh.empty:
-        spec = logical_to_spec(("batch", None, "kv_heads", None, None), qg.shape, mesh)
-        kv_spec = PartitionSpec(*spec[:4])
+        spec = logical_to_spec(("batch", None, "kv_heads", "heads", None), qg.shape, mesh)
+        kv_spec = PartitionSpec(*spec[:3], None)
         local = jax.shard_map(local, mesh=mesh, in_specs=(spec, kv_spec, kv_spec, PartitionSpec(spec[0], None)),
                               out_specs=spec, check_vma=False)
     return local(qg, k, v, segment_ids).reshape(b, t, nq, d)

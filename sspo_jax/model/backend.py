@@ -28,7 +28,8 @@ ATTENTION_CHOICES = ("auto", "xla", "splash", "cudnn")
 PLATFORMS = ("cpu", "gpu", "tpu")
 _RUNS_ON = {"xla": PLATFORMS, "splash": ("tpu", "cpu"), "cudnn": ("gpu",)}
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
-CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention on Hopper and later (128 before: cuDNN says so)
+CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention on Hopper (compute capability 9.0) and later
+CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ def resolve(attention: str = "auto", platform: str | None = None, dtype: Any = j
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention={attention!r}: choose one of {ATTENTION_CHOICES}")
     half = np.dtype(dtype) in _HALF
-    cudnn_head = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+    max_head = _cudnn_max_head_dim() if platform == "gpu" else CUDNN_MAX_HEAD_DIM
+    cudnn_head = head_dim % 8 == 0 and head_dim <= max_head
     if attention == "auto":
         attention = {"tpu": "splash", "gpu": "cudnn" if half and cudnn_head else "xla", "cpu": "xla"}[platform]
     if platform not in _RUNS_ON[attention]:
@@ -81,8 +83,19 @@ def resolve(attention: str = "auto", platform: str | None = None, dtype: Any = j
                          "or use attention='xla'")
     if attention == "cudnn" and not cudnn_head:
         raise ValueError(f"attention='cudnn' needs a head_dim that is a multiple of 8 and at most "
-                         f"{CUDNN_MAX_HEAD_DIM}, this model's is {head_dim}: use attention='xla'")
+                         f"{max_head}, this model's is {head_dim}: use attention='xla'")
     if attention == "splash" and platform == "cpu":
         log.warning("attention='splash' on cpu runs through the Pallas interpreter: exact, and "
                     "slow (meant for tests)")
     return Backend(platform=platform, attention=attention)
+
+
+def _cudnn_max_head_dim() -> int:
+    """cuDNN's largest flash-attention head_dim on this machine's first GPU (Hopper and later:
+    256; before: 128); 256 when no GPU is visible (a model built for GPU elsewhere)."""
+    try:
+        device = jax.devices()[0]
+        capability = float(getattr(device, "compute_capability", "9.0"))
+    except (RuntimeError, ValueError):
+        return CUDNN_MAX_HEAD_DIM
+    return CUDNN_MAX_HEAD_DIM if capability >= 9.0 else CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sspo_jax.parallel import abstract, constrain, mesh_of, using_mesh
 from sspo_jax.rl import logprobs, losses
 from sspo_jax.rl.loss_metrics import combine_metrics
+from sspo_jax.rl.packing import PackedBatch
 from sspo_jax.rl.train_batch import PolicyBatch
 
 
@@ -26,8 +27,10 @@ class UpdateSettings:
     """Static settings of the update (hashable: part of the jit cache key)."""
     loss: losses.LossConfig
     temperature: float
-    micro_batch_size: int
+    micro_batch_size: int   # rows per micro-batch (packed rows for a PackedBatch)
     logprob_chunk: int
+    response_len: int = 0   # the padded response length R: for a PackedBatch, the default
+                            # divisor of seq-mean-token-sum-norm (a padded batch has it as T)
 
 
 def make_optimizer(lr: float, *, schedule: str = "constant", warmup_steps: int = 0,
@@ -83,7 +86,18 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
                                                temperature, chunk, flat_tokens=model.backend.cpu_forms)
 
 
-def batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSettings):
+def packed_logprobs(model, packed: PackedBatch, temperature: float, chunk: int):
+    """log pi and entropy `[N, L]` of every slot's token given the slots before it in its
+    sequence (0 at slot 0, which no slot predicts; a sequence's first slot is a prompt token)."""
+    hidden = model.hidden_states(packed.tokens, segment_ids=packed.segment_ids)  # [N, L, H]
+    logp, entropy = logprobs.token_logprobs_and_entropy(
+        hidden[:, :-1], model.lm_head_weight(), packed.tokens[:, 1:], temperature, chunk,
+        flat_tokens=model.backend.cpu_forms)
+    first = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
+    return first(logp), first(entropy)
+
+
+def batch_logprobs(params, batch: PolicyBatch | PackedBatch, *, graphdef, settings: UpdateSettings):
     """`[B, R]` response log-probs of `batch` under `params` (no gradient), on the mesh the
     parameters are laid out on; see `_batch_logprobs`."""
     with using_mesh(mesh_of(params)):
@@ -99,16 +113,23 @@ def _batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSet
     the activations are those of one micro-batch, as in the update."""
     model = nnx.merge(graphdef, params)
     rows, response_len = batch.response_mask.shape
-    prompt_len = batch.tokens.shape[1] - response_len
     mbs = settings.micro_batch_size if rows % settings.micro_batch_size == 0 else rows
-    def one(micro):
-        tokens, attention_mask = micro
-        logp, _ = response_logprobs(model, tokens, attention_mask, prompt_len,
-                                    settings.temperature, settings.logprob_chunk)
-        return logp
+    split = lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]), (None, "batch", None))  # noqa: E731
+    if isinstance(batch, PackedBatch):  # [N, L]: every slot's log-prob
+        def one(micro):
+            tokens, segment_ids = micro
+            packed = PackedBatch(tokens, segment_ids, *(None,) * 7)
+            return packed_logprobs(model, packed, settings.temperature, settings.logprob_chunk)[0]
+        logp = jax.lax.map(one, (split(batch.tokens), split(batch.segment_ids)))
+    else:
+        prompt_len = batch.tokens.shape[1] - response_len
 
-    split = lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]), (None, "batch", None))
-    logp = jax.lax.map(one, (split(batch.tokens), split(batch.attention_mask)))
+        def one(micro):
+            tokens, attention_mask = micro
+            logp, _ = response_logprobs(model, tokens, attention_mask, prompt_len,
+                                        settings.temperature, settings.logprob_chunk)
+            return logp
+        logp = jax.lax.map(one, (split(batch.tokens), split(batch.attention_mask)))
     return jnp.where(batch.response_mask > 0, logp.reshape(rows, response_len), 0.0)
 
 
@@ -125,7 +146,18 @@ def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
                               entropy=jax.lax.stop_gradient(entropy))
 
 
-def update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
+def _packed_micro_loss(params, graphdef, batch: PackedBatch, num_tokens, num_seqs,
+                       settings: UpdateSettings):
+    model = nnx.merge(graphdef, params)
+    logp, entropy = packed_logprobs(model, batch, settings.temperature, settings.logprob_chunk)
+    return losses.policy_loss(settings.loss, logp, batch.old_logp, batch.adv, batch.response_mask,
+                              batch.seg, batch.eps_low, batch.eps_high, num_tokens,
+                              num_seqs=num_seqs, ref_logp=batch.ref_logp,
+                              entropy=jax.lax.stop_gradient(entropy), resp=batch.resp,
+                              response_len=settings.response_len or None)
+
+
+def update_step(params, opt_state, batch: PolicyBatch | PackedBatch, *, graphdef, optimizer,
                 settings: UpdateSettings):
     """`_update_step` on the mesh the parameters are laid out on (`params` and `opt_state` are
     donated)."""
@@ -149,12 +181,17 @@ def _update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
         raise ValueError(f"mini-batch of {rows} rows is not divisible into micro-batches of {mbs}")
     mask = batch.response_mask.astype(jnp.float32)
     num_tokens = jnp.sum(mask)
-    num_seqs = jnp.sum(jnp.sum(mask, axis=1) > 0)
+    packed = isinstance(batch, PackedBatch)
+    if packed:  # responses: the response ids holding a loss token
+        ids = losses.rebase_segments(batch.resp).reshape(-1)
+        num_seqs = jnp.sum(jax.ops.segment_max(mask.reshape(-1), ids, num_segments=ids.size) > 0)
+    else:
+        num_seqs = jnp.sum(jnp.sum(mask, axis=1) > 0)
     # Each micro-batch is split over the mesh's batch axes (not the scan axis over micro-batches).
     micro = jax.tree.map(
         lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]),
                             (None, "batch") + (None,) * (x.ndim - 1)), batch)
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(_packed_micro_loss if packed else _micro_loss, has_aux=True)
 
     def accumulate(grad_sum, mb):
         (_, metrics), grads = grad_fn(params, graphdef, mb, num_tokens, num_seqs, settings)
