@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
         micro_batch_size=16,
         logprob_chunk=128,             # tokens per chunk of the LM-head log-prob computation
         max_bad_steps=5,               # consecutive non-finite steps before the run stops
+        # Padding-free update (sspo_jax/rl/packing.py): the sequences packed into rows of
+        # prompt + max_new_tokens slots; micro-batches of max_tokens_per_micro_batch slots per
+        # device (0: micro_batch_size rows' worth).
+        packing=False,
+        max_tokens_per_micro_batch=0,
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-6, schedule="constant", warmup_steps=0, weight_decay=0.0,

@@ -84,6 +84,8 @@ class TrainSpec:
     micro_batch_size: int
     logprob_chunk: int
     max_bad_steps: int
+    packing: bool
+    max_tokens_per_micro_batch: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +244,10 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
          f"must be multiples of {batch_shards} (or change the mesh)")
     need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
     need(t.logprob_chunk >= 1, f"train.logprob_chunk={t.logprob_chunk} must be >= 1")
+    row_len = c.data.max_prompt_len + c.rollout.max_new_tokens
+    need(t.max_tokens_per_micro_batch == 0 or t.max_tokens_per_micro_batch >= row_len,
+         f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} holds less than one packed "
+         f"row of data.max_prompt_len + rollout.max_new_tokens = {row_len} slots: use 0 or at least {row_len}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     m = c.model
     need(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: float32 or bfloat16")

@@ -18,7 +18,7 @@ FORBIDDEN = {
 }
 MODULES = {
     "sspo_jax.rl": "sspo_jax.rl.losses, sspo_jax.rl.loss_metrics, sspo_jax.rl.advantages, "
-                   "sspo_jax.rl.segments, sspo_jax.rl.logprobs, sspo_jax.rl.train_batch",
+                   "sspo_jax.rl.segments, sspo_jax.rl.logprobs, sspo_jax.rl.train_batch, sspo_jax.rl.packing",
     "sspo_jax.generate": "sspo_jax.generate.sampler, sspo_jax.generate.filters",
     "sspo_jax.model": "sspo_jax.model",
     "sspo_jax.parallel": "sspo_jax.parallel",

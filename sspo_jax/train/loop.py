@@ -10,6 +10,7 @@ command on the same workdir resumes from its newest checkpoint. One RL step:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -24,7 +25,7 @@ from sspo_jax import rewards as rewards_lib
 from sspo_jax import run_config, specs
 from sspo_jax.generate import sampler
 from sspo_jax.parallel import to_numpy
-from sspo_jax.rl import train_batch
+from sspo_jax.rl import packing, train_batch
 from sspo_jax.rl.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.train import checkpoint as ckpt_lib
 from sspo_jax.train import evaluation, grading
@@ -183,14 +184,12 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
             prompt_ids, prompt_mask, sample, scores, num_samples=r.num_samples, loss_cfg=loss_cfg,
             tables=tables, filter_zero_variance=r.filter_zero_variance_groups, mesh=mesh)
         if r.old_logprobs == "recompute":
-            pb = pb.replace(old_logp=update.batch_logprobs(params, pb, graphdef=graphdef,
-                                                                  settings=settings))
+            pb = pb.replace(old_logp=_logprobs(params, pb, graphdef, settings, spec, mesh))
         if ref_params is not None:
-            pb = pb.replace(ref_logp=update.batch_logprobs(ref_params, pb, graphdef=graphdef,
-                                                                  settings=settings))
+            pb = pb.replace(ref_logp=_logprobs(ref_params, pb, graphdef, settings, spec, mesh))
         t_update0 = time.time()
-        params, opt_state, loss_parts, bad = _update(params, opt_state, pb, graphdef, optimizer,
-                                                     settings, spec, step)
+        params, opt_state, loss_parts, bad, packed_stats = _update(
+            params, opt_state, pb, graphdef, optimizer, settings, spec, step, mesh)
         t_update = time.time() - t_update0
         counters["bad_steps_total"] += int(bad > 0)
         counters["bad_steps_in_a_row"] = counters["bad_steps_in_a_row"] + 1 if bad else 0
@@ -204,6 +203,7 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
             "time/step_s": time.time() - t0,
             "tokens_per_s": new_tokens / max(t_sample, 1e-9),
             "train_tokens_per_s": t.ppo_epochs * int(to_numpy(pb.attention_mask).sum()) / max(t_update, 1e-9),
+            **packed_stats,
         }
         if bad and is_chief:
             logging.warning("step %d: %d optimizer step(s) had a non-finite loss or gradient and were "
@@ -280,21 +280,57 @@ def _check_resume(workdir, config, allow_changes, is_chief):
     _stop_everywhere(error, "process 0 refused to resume this workdir with this config: see its log")
 
 
-def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step):
-    """ppo_epochs passes of ppo_mini_batches optimizer steps; returns combined loss metrics."""
+def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step, mesh):
+    """ppo_epochs passes of ppo_mini_batches optimizer steps; returns the combined loss metrics,
+    the count of skipped steps and (with train.packing) the packing's metrics."""
     t = spec.train
-    parts, bad = [], 0
+    parts, bad, packed_rows, slots = [], 0, 0, 0
     rng = np.random.default_rng([spec.seed, step])
     for _ in range(t.ppo_epochs):
         for idx in train_batch.minibatch_indices(pb.num_rows, t.ppo_mini_batches, rng):
+            mini, mini_settings = pb.rows(idx), settings
+            if t.packing:
+                mini, mini_settings, layout = _packed(mini, settings, spec, mesh)
+                packed_rows, slots = packed_rows + layout.source.shape[0], slots + layout.source.size
             params, opt_state, m, grad_norm, finite = update.update_step(
-                params, opt_state, pb.rows(idx), graphdef=graphdef, optimizer=optimizer,
-                settings=settings)
+                params, opt_state, mini, graphdef=graphdef, optimizer=optimizer,
+                settings=mini_settings)
             bad += int(not bool(finite))
             parts.append({**m, "grad_norm/max": grad_norm, "grad_norm/sum": grad_norm})
     combined = combine_metrics(parts)
     combined["grad_norm_mean/sum"] = combined.pop("grad_norm/sum") / len(parts)
-    return params, opt_state, combined, bad
+    stats = {}
+    if t.packing:
+        real = t.ppo_epochs * int(to_numpy(pb.attention_mask).sum())
+        stats = {"packing/rows": packed_rows, "packing/real_tokens": real,
+                 "packing/padding_frac": 1.0 - real / max(slots, 1)}
+    return params, opt_state, combined, bad, stats
+
+
+def _packed(batch, settings, spec, mesh):
+    """(PackedBatch, its UpdateSettings, PackPlan) of a padded batch: rows of P + R slots, a
+    micro-batch of max_tokens_per_micro_batch slots per device (micro_batch_size rows' worth
+    when 0), the rows bucketed to a multiple of it."""
+    row_len = batch.tokens.shape[1]
+    shards = parallel.batch_shards(mesh) if mesh is not None else 1
+    budget = spec.train.max_tokens_per_micro_batch
+    micro_rows = spec.train.micro_batch_size if budget == 0 else max(1, budget // row_len) * shards
+    layout = packing.plan_batch(batch, rows_multiple=micro_rows)
+    packed_settings = dataclasses.replace(settings, micro_batch_size=micro_rows,
+                                          response_len=batch.response_mask.shape[1])
+    return packing.pack(batch, layout, mesh), packed_settings, layout
+
+
+def _logprobs(params, pb, graphdef, settings, spec, mesh):
+    """[B, R] response log-probs of `pb` under `params` (the recomputed old policy, or the KL
+    reference), on the packed layout with train.packing."""
+    if not spec.train.packing:
+        return update.batch_logprobs(params, pb, graphdef=graphdef, settings=settings)
+    packed, packed_settings, layout = _packed(pb, settings, spec, mesh)
+    per_slot = update.batch_logprobs(params, packed, graphdef=graphdef, settings=packed_settings)
+    prompt_len = pb.tokens.shape[1] - pb.response_mask.shape[1]
+    logp = packing.unpack(per_slot, layout, pb.tokens.shape)[:, prompt_len:]
+    return jax.numpy.where(pb.response_mask > 0, logp, 0.0)
 
 
 def _sample(model, batch, key, r, eos_ids, pad_id):
