@@ -1,6 +1,7 @@
 """One policy-gradient update, sspo_jax vs PyTorch + transformers, on the same weights and batch.
 
     python benchmarks/train_step.py [--sizes 5m,40m] [--reps 5] [--demo-steps 6]
+    python benchmarks/train_step.py --workload skewed [--rows 64 --prompt-len 64 --response-len 512]
 
 The update is the whole optimizer step: forward over prompt + response, token log-probs, the
 clipped GRPO surrogate (token level, seq-mean-token-mean), backward, global-norm clipping and
@@ -110,6 +111,90 @@ def bench_size(name, reps, peak_tflops):
     return row
 
 
+def skewed_lengths(rows: int, prompt_len: int, response_len: int, seed: int = 0):
+    """(prompt, response) real lengths like RL on Qwen2.5-Math: prompts uniform in [P/4, P],
+    responses lognormal with median R/6 (sigma 0.8), clipped to [1, R], and 1 row in 16 at the
+    budget R (truncated)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(prompt_len // 4, prompt_len + 1, rows)
+    responses = np.clip(np.round(rng.lognormal(np.log(response_len / 6), 0.8, rows)), 1, response_len)
+    responses[rng.choice(rows, max(1, rows // 16), replace=False)] = response_len
+    return prompts.astype(int), responses.astype(int)
+
+
+def skewed_size(name, reps, rows, prompt_len, response_len, micro_rows):
+    """The update on a skewed-length rollout batch, padded vs packed (train.packing), same
+    weights, batch and loss (SSPO); time per real token."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from sspo_jax import model as M
+    from sspo_jax.rl import losses, packing, train_batch
+    from sspo_jax.train import update as PU
+
+    cfg = M.Qwen2Config(head_dim=SIZES[name]["hidden_size"] // SIZES[name]["num_attention_heads"],
+                        max_position_embeddings=prompt_len + response_len, **SIZES[name])
+    graphdef, params = nnx.split(M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    prompts, responses = skewed_lengths(rows, prompt_len, response_len)
+    rng = np.random.default_rng(1)
+    width = prompt_len + response_len
+    cols = np.arange(width)[None]
+    attn = (cols >= prompt_len - prompts[:, None]) & (cols < prompt_len + responses[:, None])
+    tokens = np.where(attn, rng.integers(1, cfg.vocab_size, (rows, width)), 0).astype(np.int32)
+    resp_mask = attn[:, prompt_len:].astype(np.int32)
+    loss_cfg = losses.preset("sspo")
+    seg = jnp.asarray((np.arange(rows * response_len) // 7).reshape(rows, response_len), jnp.int32)
+    lo, hi = losses.clip_bounds(loss_cfg, jnp.asarray(resp_mask), seg, jnp.ones((rows, response_len)))
+    pb = train_batch.PolicyBatch(
+        tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attn.astype(np.int32)),
+        response_mask=jnp.asarray(resp_mask),
+        old_logp=jnp.asarray(-rng.random((rows, response_len)) * 3, jnp.float32),
+        adv=jnp.asarray(rng.standard_normal(rows), jnp.float32), seg=seg, eps_low=lo, eps_high=hi)
+    layout = packing.plan_batch(pb, rows_multiple=micro_rows)
+    packed = packing.pack(pb, layout)
+    opt = PU.make_optimizer(1e-5)
+    padded_settings = PU.UpdateSettings(loss=loss_cfg, temperature=1.0, micro_batch_size=micro_rows,
+                                        logprob_chunk=128)
+    packed_settings = PU.UpdateSettings(loss=loss_cfg, temperature=1.0, micro_batch_size=micro_rows,
+                                        logprob_chunk=128, response_len=response_len)
+    states = {k: [jax.tree.map(jnp.copy, params), None] for k in ("padded", "packed")}
+    for k in states:
+        states[k][1] = PU.init_optimizer(opt, states[k][0])
+
+    def step(kind, batch, settings):
+        def run():
+            st = states[kind]
+            st[0], st[1], _, gnorm, _ = PU.update_step(st[0], st[1], batch, graphdef=graphdef,
+                                                       optimizer=opt, settings=settings)
+            gnorm.block_until_ready()
+        return run
+
+    runs = {"padded": step("padded", pb, padded_settings), "packed": step("packed", packed, packed_settings)}
+    compile_s = {}
+    for k, run in runs.items():
+        t0 = time.perf_counter()
+        run()
+        compile_s[k] = time.perf_counter() - t0
+        run()
+    times = {k: [] for k in runs}
+    for _ in range(reps):  # interleaved, so load changes hit both sides
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    real = int(attn.sum())
+    return {"model": f"~{name.upper()}", "rows x slots": f"{rows} x {width}",
+            "real tokens": real, "packed rows": layout.source.shape[0],
+            "padded ms": med["padded"] * 1e3, "packed ms": med["packed"] * 1e3,
+            "padded us/real tok": med["padded"] / real * 1e6, "packed us/real tok": med["packed"] / real * 1e6,
+            "speed-up": med["padded"] / med["packed"],
+            "compile s (padded, packed)": f"{compile_s['padded']:.1f}, {compile_s['packed']:.1f}"}
+
+
 def demo_breakdown(steps):
     import json
 
@@ -131,12 +216,25 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--demo-steps", type=int, default=6)
     ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--workload", default="uniform", choices=["uniform", "skewed"],
+                    help="uniform: JAX vs PyTorch on full rows; skewed: padded vs packed update on "
+                         "RL-like lengths (skewed_lengths)")
+    ap.add_argument("--rows", type=int, default=64, help="skewed: rollout rows")
+    ap.add_argument("--prompt-len", type=int, default=64, help="skewed: prompt bucket P")
+    ap.add_argument("--response-len", type=int, default=512, help="skewed: max_new_tokens R")
+    ap.add_argument("--micro-rows", type=int, default=8, help="skewed: rows per micro-batch (both)")
     args = ap.parse_args()
-    rows = [bench_size(s, args.reps, args.peak_tflops) for s in args.sizes.split(",")]
+    if args.workload == "skewed":
+        rows = [skewed_size(s, args.reps, args.rows, args.prompt_len, args.response_len, args.micro_rows)
+                for s in args.sizes.split(",")]
+    else:
+        rows = [bench_size(s, args.reps, args.peak_tflops) for s in args.sizes.split(",")]
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.workload == "skewed":
+        args.demo_steps = 0
     if args.demo_steps > 2:
         means, n = demo_breakdown(args.demo_steps)
         print(f"\nCPU demo step breakdown (mean of {n} steps after the first):")

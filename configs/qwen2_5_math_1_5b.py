@@ -34,6 +34,10 @@ def get_config(arg: str | None = None):
     c.train.ppo_epochs = 1
     c.train.micro_batch_size = 8
     c.train.logprob_chunk = 256
+    # Padding-free update: RL responses are mostly far shorter than 3000 tokens, so padded rows
+    # are mostly padding; packed rows of 4024 slots, micro-batches of 8 rows' worth (the padded
+    # micro-batch's memory). docs/design.md, "Padding-free training".
+    c.train.packing = True
     c.optimizer.lr = 1e-6
     c.optimizer.schedule = "constant"
     c.optimizer.grad_clip = 1.0

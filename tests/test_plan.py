@@ -15,6 +15,7 @@ from jax.sharding import AbstractMesh
 from sspo_jax import model as M
 from sspo_jax import parallel, plan
 from sspo_jax.plan import costs as plan_costs
+from sspo_jax.plan import tables as plan_tables
 from sspo_jax.run_config import base_config
 from sspo_jax.train import update
 
@@ -380,3 +381,22 @@ def test_cli_unknown_slice():
     proc = run_cli("--config=configs/demo.py", "--slice=v9-8")
     assert proc.returncode != 0
     assert "error: unknown TPU slice 'v9-8'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_packing_counts_real_tokens():
+    """With train.packing the trained tokens are the prompt plus the assumed mean response, and
+    the training FLOPs and time shrink by about that ratio; executed attention is the packed
+    rows' whole squares."""
+    c = _math_config()
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"])
+    mesh = plan.resolve_mesh(c.mesh, plan.parse_slice("v5p-8"))
+    padded = plan.cost_model(c, cfg, mesh)
+    c.train.packing = True
+    packed = plan.cost_model(c, cfg, mesh)
+    s = plan.rollout_shapes(c)
+    real = s.prompt_len + plan_tables.PACKED_RESPONSE_FRACTION * s.new_tokens
+    assert packed.trained_tokens == int(s.rows * real) * c.train.ppo_epochs
+    ratio = padded.train_model_flops / packed.train_model_flops
+    assert 0.8 * s.seq / real < ratio < 1.3 * s.seq / real
+    assert packed.train_flops > packed.train_model_flops  # remat + the packed rows' attention squares
+    assert packed.sampled_tokens == padded.sampled_tokens  # the sampler is not packed

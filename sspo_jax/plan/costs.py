@@ -27,8 +27,8 @@ from sspo_jax.model.qwen2 import layer_param_specs
 from sspo_jax.plan.mesh import (SAMPLER_RULES, MeshPlan, matmul_params, param_arrays, param_count,
                                 per_device, resolve_mesh, shard_divisor)
 from sspo_jax.plan.tables import (DECODE_EFFICIENCY, DTYPE_BYTES, FEWER_ROWS, FIT_FRACTION,
-                                  SHARD_MORE, TRAIN_MFU, Chip, Slice, model_config, problems,
-                                  report)
+                                  PACKED_RESPONSE_FRACTION, SHARD_MORE, TRAIN_MFU, Chip, Slice,
+                                  model_config, problems, report)
 
 # ---------------------------------------------------------------- shapes of one RL step
 
@@ -345,6 +345,22 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
     attn_fwd = forward_flops(cfg, s.rows, s.seq, s.seq, 0) - forward_flops(cfg, s.rows, s.seq, 0, 0)
     head_fwd = fwd - layers_fwd
     skipped = (1 - attn_executed) * attn_fwd
+    trained = s.rows * s.seq
+    if config.train.packing:
+        # Real tokens only: each row's prompt and an assumed mean response (PACKED_RESPONSE_FRACTION
+        # of max_new_tokens); every sequence attends to its own tokens (model FLOPs), executed as
+        # packed rows of `seq` slots, the whole square of each row (masked by segment).
+        resp = PACKED_RESPONSE_FRACTION * s.new_tokens
+        real = s.prompt_len + resp
+        trained = int(s.rows * real)
+        packed_rows = s.rows * real / s.seq
+        fwd = forward_flops(cfg, s.rows, real, real, resp)
+        layers_fwd = fwd - forward_flops(cfg, s.rows, 0, 0, resp)
+        attn_row = forward_flops(cfg, packed_rows, s.seq, s.seq, 0) - forward_flops(cfg, packed_rows, s.seq, 0, 0)
+        model_attn = forward_flops(cfg, s.rows, real, real, 0) - forward_flops(cfg, s.rows, real, 0, 0)
+        head_fwd = fwd - layers_fwd
+        skipped = model_attn - attn_executed * attn_row  # negative: a packed row computes more
+        attn_fwd = model_attn
     recompute = {"none": 0.0, "full": layers_fwd - skipped,
                  "dots_saveable": attn_fwd - skipped}[config.model.remat]
     passes = t.ppo_epochs
@@ -362,7 +378,7 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
     return Costs(
         prompt_tokens=s.prompts * s.prompt_len,
         sampled_tokens=s.rows * s.new_tokens,
-        trained_tokens=passes * s.rows * s.seq,
+        trained_tokens=passes * trained,
         # the prompts attend among themselves; the LM head runs on the last prompt position only
         prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.prompt_len, 1),
         decode_flops=s.new_tokens * forward_flops(cfg, s.rows, 1, s.seq, 1),

@@ -97,6 +97,11 @@ def parse_slice(name: str) -> Slice:
 # config.json values of the hub checkpoints Qwen/Qwen2.5-Math-1.5B and Qwen/Qwen2.5-Math-7B, so
 # that a plan needs no download (read from copies of those files on the hub:
 # unsloth/Qwen2.5-Math-1.5B, and a fine-tune whose _name_or_path is Qwen/Qwen2.5-Math-7B).
+# With train.packing the plan counts real tokens: the prompt bucket plus a mean response of this
+# fraction of max_new_tokens (an assumption: RL on Qwen2.5-Math gives a median of a few hundred
+# of 3000 tokens and a tail at the budget; measure yours: `response/length_mean` in metrics.jsonl).
+PACKED_RESPONSE_FRACTION = 0.25
+
 KNOWN_MODELS = {
     "Qwen/Qwen2.5-Math-1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                    num_hidden_layers=28, num_attention_heads=12,
@@ -224,7 +229,10 @@ def report(p, show_items: bool = True) -> str:
         "", "## Cost per RL step", "",
         f"Tokens (padded, as computed): prompts {costs.prompt_tokens:,}, sampled {costs.sampled_tokens:,} "
         f"(every row runs until the longest stops; worst case max_new_tokens), trained "
-        f"{costs.trained_tokens:,} (rows x (prompt + response) x epochs).",
+        f"{costs.trained_tokens:,} ("
+        + ("train.packing: real tokens, rows x (prompt + an assumed mean response of "
+           f"{PACKED_RESPONSE_FRACTION:.0%} of max_new_tokens) x epochs)." if config.train.packing
+           else "rows x (prompt + response) x epochs)."),
         "",
         "| part | FLOPs | time on this slice | basis |",
         "| --- | ---: | ---: | --- |",

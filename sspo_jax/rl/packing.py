@@ -30,7 +30,7 @@ from sspo_jax.rl.train_batch import PolicyBatch
 
 # Packed row counts are rounded up to a multiple of the micro-batch, then of its number to one
 # of these (x a power of two): a run compiles a few update programs, not one per batch.
-BUCKET_STEPS = (1.0, 1.5)
+BUCKET_STEPS = (1.0, 1.25, 1.5, 1.75)
 
 
 @struct.dataclass
@@ -78,7 +78,8 @@ class PackPlan:
 
 def bucket_rows(rows: int, multiple: int) -> int:
     """`rows` rounded up to a multiple of `multiple` whose count of multiples is one of
-    BUCKET_STEPS x a power of two (1, 2, 3, 4, 6, 8, 12, 16, ...)."""
+    BUCKET_STEPS x a power of two that is whole (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...):
+    at most 4 programs per doubling, at most 25% padding rows."""
     units = max(1, -(-rows // multiple))
     power = 1
     while True:

@@ -22,6 +22,15 @@ from sspo_jax.rl.packing import PackedBatch
 from sspo_jax.rl.train_batch import PolicyBatch
 
 
+_compiles = 0
+
+
+def compile_count() -> int:
+    """How many update programs have been traced (compiled) in this process: one per distinct
+    batch shape (packed: per bucket of rows) and settings."""
+    return _compiles
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateSettings:
     """Static settings of the update (hashable: part of the jit cache key)."""
@@ -176,6 +185,8 @@ def _update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
     normalised by the whole mini-batch's token and response counts, so their gradients add up to
     the mini-batch gradient exactly, whatever the micro-batch size.
     """
+    global _compiles
+    _compiles += 1  # runs once per trace, i.e. once per compilation
     rows, mbs = batch.num_rows, settings.micro_batch_size
     if rows % mbs:
         raise ValueError(f"mini-batch of {rows} rows is not divisible into micro-batches of {mbs}")
