@@ -83,10 +83,12 @@ def test_normalize_keeps_spaces_between_commands_and_unwraps_iteratively():
 def test_numeric_tolerance_is_relative_1e4_and_integers_are_exact():
     assert parse_number(r"-\frac{-3}{4}") == (Fraction(3, 4), False)
     assert parse_number("12") == (Fraction(12), True)
-    assert parse_number(r"\frac{1}{0}") is None and parse_number("1e5") is None
+    assert parse_number(r"\frac{1}{0}") is None and parse_number("1e5") == (Fraction(100000), False)
+    assert parse_number("2.5E-3") == (Fraction(1, 400), False) and parse_number("1e100") is None
     assert numeric_equal("0.3333", r"\frac{1}{3}")  # |diff| = 1/30000 = 1e-4 * 1/3 exactly
     assert not numeric_equal("0.3332", r"\frac{1}{3}")
-    assert numeric_equal("100.01", "100") and not numeric_equal("100.02", "100")
+    assert numeric_equal("100.01", "100.011") and not numeric_equal("100.03", "100.011")
+    assert not numeric_equal("100.01", "100") and not numeric_equal("100.01", "100.0")  # integer gold: exact
     assert not numeric_equal("12346", "12345")  # two integers: exact
     assert numeric_equal("2.0", "2") and not numeric_equal("x", "2")
 
@@ -224,3 +226,42 @@ def test_grade_guarded_turns_a_grading_bug_into_error(monkeypatch):
     monkeypatch.setattr(pool, "grade_response", broken)
     res = pool.grade_guarded(r"\boxed{1}", "1", timeout=1.0)
     assert (res.score, res.reason, res.extracted) == (0.0, "error", None) and res.detail.startswith("KeyError")
+
+
+INTEGER_GOLDS = [r"10{,}000", "2024", "100", "123456", "7", "-15"]
+
+
+def _hedges(gold: int) -> list[str]:
+    """Near-integer answers a policy could learn to hedge with: +-1e-3 relative (rounded to 6
+    decimals), +0.5, +0.0001, and the 1e-4-tolerance edge case."""
+    g = Fraction(gold)
+    return [f"{float(g * Fraction(1001, 1000)):.6f}", f"{float(g * Fraction(999, 1000)):.6f}",
+            f"{float(g + Fraction(1, 2))}", f"{gold}.0001", f"{float(g - g / 10001):.9f}"]
+
+
+@pytest.mark.parametrize("gold", INTEGER_GOLDS)
+def test_near_integer_hedges_never_score_against_integer_golds(gold):
+    """Issue 18: an integer gold needs exactly that integer. Checked through grade_response with
+    math-verify on, so no later rule accepts what the numeric rule refused."""
+    from sspo_jax.rewards import grade_response
+    value = int(gold.replace("{,}", ""))
+    for hedge in _hedges(value):
+        result = grade_response(rf"The answer is $\boxed{{{hedge}}}$.", gold)
+        assert result.score == 0.0, (hedge, gold, result)
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"10{,}000", r"10{,}000"), ("10,000", r"10{,}000"), ("10000", r"10{,}000"),
+    ("10000.0", r"10{,}000"), ("10000.000", "10000"), (r"\frac{20000}{2}", "10000"),
+    ("1.0e4", "10000"), ("1e4", "10000"), ("2024.0", "2024"), ("-15.00", "-15"),
+])
+def test_exact_forms_of_an_integer_gold_score(pred, gold):
+    from sspo_jax.rewards import grade_response
+    result = grade_response(rf"So $\boxed{{{pred}}}$", gold)
+    assert result.score == 1.0, (pred, gold, result)
+
+
+def test_non_integer_golds_keep_the_relative_tolerance():
+    assert numeric_equal("0.3333", r"\frac{1}{3}") and not numeric_equal("0.333", r"\frac{1}{3}")
+    assert numeric_equal("2.50001", "2.5") and not numeric_equal("2.5003", "2.5")
+    assert not numeric_equal("1.00001", "1")  # the gold 1 is an integer: exact

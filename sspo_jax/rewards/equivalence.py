@@ -3,8 +3,10 @@
 Order (the first test that says "equal" wins; all are tried before "wrong"):
 1. exact match of `comparison_key` (normalised, whitespace removed);
 2. numeric: both sides plain numbers (integer, decimal, `a/b`, `\\frac{a}{b}`, optional sign),
-   compared as exact fractions: integers must be equal, otherwise relative tolerance 1e-4; when
-   both are plain numbers and neither has a `%`, this verdict is final;
+   compared as exact fractions: a gold that is an integer needs exactly that integer (`10000.0`
+   and `10{,}000` are it, `9999.857` and `10000.5` are not: a near-integer hedge must not earn
+   a reward), otherwise relative tolerance 1e-4; when both are plain numbers and neither has a
+   `%`, this verdict is final;
 3. math-verify: the gold parsed first, then the prediction, both with LaTeX extraction only
    (never math-verify's plain-expression mode, which would hand model text to sympy's
    `parse_expr`, an `eval`); `verify(gold, pred)` handles sets, intervals, tuples, matrices,
@@ -25,7 +27,8 @@ from sspo_jax.rewards.extract import extract_answer, last_boxed_content
 from sspo_jax.rewards.normalize import comparison_key, normalize_answer
 
 REASONS = ("correct", "wrong", "no_answer", "timeout", "error")
-# Relative tolerance of the numeric test (when at least one side is not an integer).
+# Relative tolerance of the numeric test when the gold is not an integer (an integer gold is
+# matched exactly: stricter than Qwen2.5-Math's grader, whose 1e-4 accepts 9999.857 for 10000).
 NUMERIC_REL_TOL = Fraction(1, 10_000)
 # Longer answers are compared exactly only: they are never a short math answer, and this bounds
 # the cost of normalisation and of sympy.
@@ -33,7 +36,8 @@ MAX_ANSWER_CHARS = 2_000
 # Digits allowed in each part of a number in the numeric test (keeps Fraction arithmetic cheap).
 _MAX_DIGITS = 60
 _DEC = r"\d{1,%d}(?:\.\d{1,%d})?|\.\d{1,%d}" % (_MAX_DIGITS, _MAX_DIGITS, _MAX_DIGITS)
-_PLAIN_NUMBER = re.compile(r"(?P<sign>[-+]?)(?P<num>%s)" % _DEC)
+# A plain number may carry a short exponent (`1e4`, `2.5E-3`): read exactly, like the rest.
+_PLAIN_NUMBER = re.compile(r"(?P<sign>[-+]?)(?P<num>(?:%s)(?P<exp>[eE][-+]?\d{1,2})?)" % _DEC)
 _FRACTION = re.compile(r"(?P<sign>[-+]?)\\frac\{(?P<nsign>-?)(?P<num>%s)\}\{(?P<den>%s)\}" % (_DEC, _DEC))
 
 
@@ -53,7 +57,7 @@ def parse_number(key: str) -> tuple[Fraction, bool] | None:
     m = _PLAIN_NUMBER.fullmatch(key)
     if m:
         value = Fraction(m.group("num"))
-        is_int = "." not in m.group("num")
+        is_int = "." not in m.group("num") and m.group("exp") is None
         return (-value if m.group("sign") == "-" else value), is_int
     m = _FRACTION.fullmatch(key)
     if m:
@@ -67,14 +71,15 @@ def parse_number(key: str) -> tuple[Fraction, bool] | None:
 
 
 def numeric_equal(pred_key: str, gold_key: str) -> bool:
-    """Both keys plain numbers and equal: exactly for two integers, else within NUMERIC_REL_TOL."""
+    """Both keys plain numbers and equal: exactly when the gold is an integer (or both are), else
+    within NUMERIC_REL_TOL."""
     a, b = parse_number(pred_key), parse_number(gold_key)
     if a is None or b is None:
         return False
     (x, x_int), (y, y_int) = a, b
     if x == y:
         return True
-    if x_int and y_int:
+    if y_int or y.denominator == 1 or (x_int and y_int):
         return False
     return abs(x - y) <= NUMERIC_REL_TOL * max(abs(x), abs(y))
 
