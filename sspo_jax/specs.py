@@ -244,6 +244,9 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
          f"must be multiples of {batch_shards} (or change the mesh)")
     need(t.ppo_epochs >= 1, f"train.ppo_epochs={t.ppo_epochs} must be >= 1")
     need(t.logprob_chunk >= 1, f"train.logprob_chunk={t.logprob_chunk} must be >= 1")
+    need(t.packing or t.max_tokens_per_micro_batch == 0,
+         f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} applies to packed rows only: "
+         "set train.packing=True, or leave it 0 (micro-batches of train.micro_batch_size rows)")
     row_len = c.data.max_prompt_len + c.rollout.max_new_tokens
     need(t.max_tokens_per_micro_batch == 0 or t.max_tokens_per_micro_batch >= row_len,
          f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} holds less than one packed "

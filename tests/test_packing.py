@@ -113,6 +113,14 @@ def test_plan_places_every_real_token_once_without_overlap():
         packing.plan(lengths, starts, padded_len=10, row_len=8)
 
 
+def test_packing_never_makes_more_rows_than_the_padded_batch():
+    """Sequences that do not pack (each fills a row) bucket to at most the padded row count,
+    rounded to the multiple."""
+    for b, multiple in ((72, 8), (9, 4), (5, 8)):
+        layout = packing.plan(np.full(b, 10), np.zeros(b), padded_len=10, rows_multiple=multiple)
+        assert layout.source.shape[0] == max(multiple, -(-b // multiple) * multiple)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 9, 13, 24, 25])
 def test_bucketed_rows_are_few_and_multiples(rows):
     n = packing.bucket_rows(rows, 4)

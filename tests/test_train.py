@@ -107,6 +107,8 @@ def test_nan_step_is_skipped_and_the_run_goes_on(tmp_path):
     ({"optimizer.schedule": "linear"}, "optimizer.schedule='linear'"),
     ({"loss.eps_low": 1.5}, "eps_low"),
     ({"rollout.top_k": -3}, "rollout.top_k=-3"),  # before the warm start, not after it
+    ({"train.max_tokens_per_micro_batch": 4096}, "applies to packed rows only"),
+    ({"train.packing": True, "train.max_tokens_per_micro_batch": 50}, "holds less than one packed row"),
 ])
 def test_bad_config_fails_before_anything_compiles(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -192,7 +194,7 @@ def test_packed_run_equals_the_padded_run_step_for_step(tmp_path):
     common = {"loss.kl_beta": 0.05, "rollout.old_logprobs": "recompute", "steps": 3, "eval.every": 3}
     padded = loop.train_and_evaluate(tiny_config(**common), str(tmp_path / "padded"))
     packed = loop.train_and_evaluate(tiny_config(**common, **{
-        "train.packing": True, "train.max_tokens_per_micro_batch": 2 * (256 + 24)}),
+        "train.packing": True, "train.max_tokens_per_micro_batch": 2 * (48 + 24)}),  # 2 rows per micro-batch
         str(tmp_path / "packed"))
     assert [r["step"] for r in packed] == [r["step"] for r in padded]
     for a, b in zip(packed[1:], padded[1:]):

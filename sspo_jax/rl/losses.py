@@ -211,7 +211,7 @@ def aggregate(cfg: LossConfig, x, mask, num_tokens=None, num_seqs=None, *, resp=
     if cfg.aggregation == "seq-mean-token-mean":
         per_response = sums / jnp.maximum(tokens_per, 1)
     else:  # seq-mean-token-sum-norm: a constant divisor, the same for every response
-        norm = cfg.token_sum_norm or (response_len or mask.shape[1])
+        norm = cfg.token_sum_norm if cfg.token_sum_norm is not None else (response_len or mask.shape[1])
         per_response = sums / norm
     n = jnp.sum(tokens_per > 0) if num_seqs is None else num_seqs
     return jnp.sum(per_response) / jnp.maximum(n, 1)

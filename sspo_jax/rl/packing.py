@@ -122,7 +122,9 @@ def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: i
         else:
             free.append(row_len - int(lengths[i]))
             placed.append([int(i)])
-    n = bucket_rows(len(placed), rows_multiple)
+    # Bucketed, but never past the padded rows (rounded to the multiple): packing must not cost more.
+    n = min(bucket_rows(len(placed), rows_multiple), -(-len(lengths) // rows_multiple) * rows_multiple)
+    n = max(n, rows_multiple)
     source = np.full((n, row_len), -1, np.int32)
     row_of = np.full((n, row_len), -1, np.int32)
     segment_ids = np.zeros((n, row_len), np.int32)
@@ -199,10 +201,13 @@ def _gather(batch: PolicyBatch, source, row_of, segment_ids, resp) -> PackedBatc
         ref_logp=None if batch.ref_logp is None else take(batch.ref_logp))
 
 
-def unpack(values: jax.Array, layout: PackPlan, shape: tuple[int, int]) -> jax.Array:
+def unpack(values: jax.Array, layout: PackPlan, shape: tuple[int, int], mesh=None) -> jax.Array:
     """Per-slot values [N, L] of a packed batch back at their padded slots [B, P + R] (0 where no
-    packed slot came from)."""
-    return _scatter(values, jnp.asarray(layout.source), shape)
+    packed slot came from); the layout placed like the values on `mesh`."""
+    from sspo_jax.parallel import named_sharding, put_batch
+    source = (jnp.asarray(layout.source) if mesh is None else
+              put_batch(layout.source, named_sharding(mesh, ("batch", None), layout.source.shape)))
+    return _scatter(values, source, shape)
 
 
 @functools.partial(jax.jit, static_argnums=2)

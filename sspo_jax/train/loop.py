@@ -284,7 +284,7 @@ def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step, me
     """ppo_epochs passes of ppo_mini_batches optimizer steps; returns the combined loss metrics,
     the count of skipped steps and (with train.packing) the packing's metrics."""
     t = spec.train
-    parts, bad, packed_rows, slots = [], 0, 0, 0
+    parts, bad, packed_rows, slots, real = [], 0, 0, 0, 0
     rng = np.random.default_rng([spec.seed, step])
     for _ in range(t.ppo_epochs):
         for idx in train_batch.minibatch_indices(pb.num_rows, t.ppo_mini_batches, rng):
@@ -292,6 +292,7 @@ def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step, me
             if t.packing:
                 mini, mini_settings, layout = _packed(mini, settings, spec, mesh)
                 packed_rows, slots = packed_rows + layout.source.shape[0], slots + layout.source.size
+                real += layout.real_tokens
             params, opt_state, m, grad_norm, finite = update.update_step(
                 params, opt_state, mini, graphdef=graphdef, optimizer=optimizer,
                 settings=mini_settings)
@@ -300,8 +301,7 @@ def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step, me
     combined = combine_metrics(parts)
     combined["grad_norm_mean/sum"] = combined.pop("grad_norm/sum") / len(parts)
     stats = {}
-    if t.packing:
-        real = t.ppo_epochs * int(to_numpy(pb.attention_mask).sum())
+    if t.packing:  # real tokens: those packed (rows with no loss token are left out)
         stats = {"packing/rows": packed_rows, "packing/real_tokens": real,
                  "packing/padding_frac": 1.0 - real / max(slots, 1)}
     return params, opt_state, combined, bad, stats
@@ -315,6 +315,8 @@ def _packed(batch, settings, spec, mesh):
     shards = parallel.batch_shards(mesh) if mesh is not None else 1
     budget = spec.train.max_tokens_per_micro_batch
     micro_rows = spec.train.micro_batch_size if budget == 0 else max(1, budget // row_len) * shards
+    # Never more rows per micro-batch than the batch has (both are multiples of the shards).
+    micro_rows = min(micro_rows, batch.num_rows)
     layout = packing.plan_batch(batch, rows_multiple=micro_rows)
     packed_settings = dataclasses.replace(settings, micro_batch_size=micro_rows,
                                           response_len=batch.response_mask.shape[1])
@@ -329,7 +331,7 @@ def _logprobs(params, pb, graphdef, settings, spec, mesh):
     packed, packed_settings, layout = _packed(pb, settings, spec, mesh)
     per_slot = update.batch_logprobs(params, packed, graphdef=graphdef, settings=packed_settings)
     prompt_len = pb.tokens.shape[1] - pb.response_mask.shape[1]
-    logp = packing.unpack(per_slot, layout, pb.tokens.shape)[:, prompt_len:]
+    logp = packing.unpack(per_slot, layout, pb.tokens.shape, mesh)[:, prompt_len:]
     return jax.numpy.where(pb.response_mask > 0, logp, 0.0)
 
 
