@@ -265,3 +265,18 @@ def test_non_integer_golds_keep_the_relative_tolerance():
     assert numeric_equal("0.3333", r"\frac{1}{3}") and not numeric_equal("0.333", r"\frac{1}{3}")
     assert numeric_equal("2.50001", "2.5") and not numeric_equal("2.5003", "2.5")
     assert not numeric_equal("1.00001", "1")  # the gold 1 is an integer: exact
+
+
+@pytest.mark.parametrize("text,want", [
+    # Issue 18, item 4: an explicit final answer after the last box wins over it.
+    (r"So the first sum is $\boxed{255}$. Adding the rest, the final answer is $10,455$.", "10,455"),
+    (r"We get \boxed{12}, then doubling: Final answer is 24.", "24"),
+    (r"\boxed 7 and so the final answer is: $\frac{7}{2}$", r"\frac{7}{2}"),
+    # The box stays the answer: the phrase comes first, or says no number or math.
+    (r"The final answer is $\boxed{7}$.", "7"),
+    (r"The final answer is \boxed{3}, as checked above.", "3"),
+    (r"$\boxed{5}$. The final answer is correct.", "5"),
+    (r"Thus \boxed{9}; the answer is 10 if we count zero.", "9"),  # only the explicit phrase
+])
+def test_a_later_explicit_final_answer_beats_an_intermediate_box(text, want):
+    assert extract_answer(text) == want

@@ -6,7 +6,9 @@ Rules, in order (the first that applies decides):
    group (`\\{` and `\\}` are literal braces, not grouping); `\\boxed 5` (no brace) takes the
    token after the space, up to whitespace or `$`. If that last box is never closed (the response
    was truncated inside it), there is no answer: earlier boxes are not consulted, because the
-   model was still changing its final answer when it was cut off.
+   model was still changing its final answer when it was cut off. An explicit "final answer
+   is" after that box closed, followed by a `$...$` span or a number, wins over it (the box was
+   an intermediate result).
 2. Otherwise the text after the last "final answer is" / "the answer is" (case-insensitive), up
    to the end of its line; a `$...$` span there is unwrapped, otherwise the text stops at the
    end of the sentence (". ").
@@ -113,6 +115,30 @@ def _after_answer_phrase(text: str) -> str | None:
     return rest or None
 
 
+def _final_answer_after_last_box(text: str) -> str | None:
+    """An explicit "final answer is <math or number>" after the last box closed: the model's
+    answer, not the earlier (intermediate) box ("... so \\boxed{255} ... The final answer is
+    $10,455$"). Only the explicit phrase, and only with a `$...$` span or a digit after it, so
+    prose like "\\boxed{5}. The final answer is correct." keeps the box."""
+    pos = text.translate(_ASCII_LOWER).rfind("final answer is")
+    start, length = _last_box_start(text)
+    if pos == -1 or pos < start:
+        return None
+    j = _skip_spaces(text, start + length)
+    if j < len(text) and text[j] == "{":
+        end = match_brace_group(text, j)
+    else:  # `\boxed 5`: the token after the space
+        end = j + len(_BARE_TOKEN.match(text, j).group(0))
+    if end == -1 or pos < end:
+        return None
+    tail = text[pos:]
+    answer = _after_answer_phrase(tail)
+    line = tail[len("final answer is"):].split("\n", 1)[0].strip().lstrip(":").strip()
+    if answer is None or not (line.startswith("$") or any(d in answer for d in _DIGITS)):
+        return None
+    return answer
+
+
 def last_number(text: str) -> str | None:
     """The last number in `text` (thousands commas, decimals and a `/denominator` kept).
 
@@ -144,7 +170,8 @@ def extract_answer(text: str) -> str | None:
         content = last_boxed_content(text)
         if content is None or not content.strip():
             return None
-        return content.strip()
+        later = _final_answer_after_last_box(text)
+        return later if later is not None else content.strip()
     phrase = _after_answer_phrase(text)
     if phrase is not None:
         return phrase
