@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sspo_jax.parallel import named_sharding, put_batch, to_numpy
 from sspo_jax.rl.train_batch import PolicyBatch
 
 # Packed row counts are rounded up to a multiple of the micro-batch, then of its number to one
@@ -146,13 +147,13 @@ def plan_batch(batch: PolicyBatch, *, rows_multiple: int = 1, row_len: int | Non
                order: np.ndarray | None = None) -> PackPlan:
     """`plan` for a PolicyBatch: its sequences are the attended slots of each row; a row with
     no loss token (an empty response, a group DAPO filtered out) is left out."""
-    from sspo_jax.parallel import to_numpy
-    real = to_numpy(jnp.sum(batch.attention_mask, axis=1))
-    used = to_numpy(jnp.sum(batch.response_mask, axis=1)) > 0
     width = batch.tokens.shape[1]
-    lengths = np.where(used, real, 0)
     prompt_len = width - batch.response_mask.shape[1]
-    prompt_real = to_numpy(jnp.sum(batch.attention_mask[:, :prompt_len], axis=1))
+    # One host transfer: real tokens, loss tokens and real prompt tokens of every row.
+    real, used, prompt_real = to_numpy(jnp.stack([
+        jnp.sum(batch.attention_mask, axis=1), jnp.sum(batch.response_mask, axis=1),
+        jnp.sum(batch.attention_mask[:, :prompt_len], axis=1)]))
+    lengths = np.where(used > 0, real, 0)
     return plan(lengths, prompt_len - prompt_real, padded_len=width, row_len=row_len,
                 rows_multiple=rows_multiple, order=order)
 
@@ -160,7 +161,6 @@ def plan_batch(batch: PolicyBatch, *, rows_multiple: int = 1, row_len: int | Non
 def pack(batch: PolicyBatch, layout: PackPlan, mesh=None) -> PackedBatch:
     """The PackedBatch of `batch` by `layout`, gathered on the device (placed like the batch
     on `mesh`)."""
-    from sspo_jax.parallel import named_sharding, put_batch
     arrays = {"source": layout.source, "row_of": layout.row_of, "segment_ids": layout.segment_ids,
               "resp": layout.resp}
     if mesh is None:
@@ -204,7 +204,6 @@ def _gather(batch: PolicyBatch, source, row_of, segment_ids, resp) -> PackedBatc
 def unpack(values: jax.Array, layout: PackPlan, shape: tuple[int, int], mesh=None) -> jax.Array:
     """Per-slot values [N, L] of a packed batch back at their padded slots [B, P + R] (0 where no
     packed slot came from); the layout placed like the values on `mesh`."""
-    from sspo_jax.parallel import named_sharding, put_batch
     source = (jnp.asarray(layout.source) if mesh is None else
               put_batch(layout.source, named_sharding(mesh, ("batch", None), layout.source.shape)))
     return _scatter(values, source, shape)

@@ -183,10 +183,10 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         pb, step_metrics = train_batch.assemble(
             prompt_ids, prompt_mask, sample, scores, num_samples=r.num_samples, loss_cfg=loss_cfg,
             tables=tables, filter_zero_variance=r.filter_zero_variance_groups, mesh=mesh)
-        if r.old_logprobs == "recompute":
-            pb = pb.replace(old_logp=_logprobs(params, pb, graphdef, settings, spec, mesh))
-        if ref_params is not None:
-            pb = pb.replace(ref_logp=_logprobs(ref_params, pb, graphdef, settings, spec, mesh))
+        recompute = {**({"old_logp": params} if r.old_logprobs == "recompute" else {}),
+                     **({"ref_logp": ref_params} if ref_params is not None else {})}
+        if recompute:
+            pb = pb.replace(**_logprobs(recompute, pb, graphdef, settings, spec, mesh))
         t_update0 = time.time()
         params, opt_state, loss_parts, bad, packed_stats = _update(
             params, opt_state, pb, graphdef, optimizer, settings, spec, step, mesh)
@@ -323,16 +323,21 @@ def _packed(batch, settings, spec, mesh):
     return packing.pack(batch, layout, mesh), packed_settings, layout
 
 
-def _logprobs(params, pb, graphdef, settings, spec, mesh):
-    """[B, R] response log-probs of `pb` under `params` (the recomputed old policy, or the KL
-    reference), on the packed layout with train.packing."""
+def _logprobs(param_sets: dict, pb, graphdef, settings, spec, mesh) -> dict:
+    """{field: [B, R] response log-probs of `pb`} under each of `param_sets` ({"old_logp": the
+    policy to recompute, "ref_logp": the KL reference}); with train.packing on one packed
+    layout of `pb`, planned once for all of them."""
     if not spec.train.packing:
-        return update.batch_logprobs(params, pb, graphdef=graphdef, settings=settings)
+        return {k: update.batch_logprobs(p, pb, graphdef=graphdef, settings=settings)
+                for k, p in param_sets.items()}
     packed, packed_settings, layout = _packed(pb, settings, spec, mesh)
-    per_slot = update.batch_logprobs(params, packed, graphdef=graphdef, settings=packed_settings)
     prompt_len = pb.tokens.shape[1] - pb.response_mask.shape[1]
-    logp = packing.unpack(per_slot, layout, pb.tokens.shape, mesh)[:, prompt_len:]
-    return jax.numpy.where(pb.response_mask > 0, logp, 0.0)
+    out = {}
+    for k, p in param_sets.items():
+        per_slot = update.batch_logprobs(p, packed, graphdef=graphdef, settings=packed_settings)
+        logp = packing.unpack(per_slot, layout, pb.tokens.shape, mesh)[:, prompt_len:]
+        out[k] = jax.numpy.where(pb.response_mask > 0, logp, 0.0)
+    return out
 
 
 def _sample(model, batch, key, r, eos_ids, pad_id):

@@ -95,12 +95,13 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
                                                temperature, chunk, flat_tokens=model.backend.cpu_forms)
 
 
-def packed_logprobs(model, packed: PackedBatch, temperature: float, chunk: int):
-    """log pi and entropy `[N, L]` of every slot's token given the slots before it in its
-    sequence (0 at slot 0, which no slot predicts; a sequence's first slot is a prompt token)."""
-    hidden = model.hidden_states(packed.tokens, segment_ids=packed.segment_ids)  # [N, L, H]
+def packed_logprobs(model, tokens, segment_ids, temperature: float, chunk: int):
+    """log pi and entropy `[N, L]` of every slot's token of packed rows (`PackedBatch.tokens`,
+    `.segment_ids`) given the slots before it in its sequence (0 at slot 0, which no slot
+    predicts; a sequence's first slot is a prompt token)."""
+    hidden = model.hidden_states(tokens, segment_ids=segment_ids)  # [N, L, H]
     logp, entropy = logprobs.token_logprobs_and_entropy(
-        hidden[:, :-1], model.lm_head_weight(), packed.tokens[:, 1:], temperature, chunk,
+        hidden[:, :-1], model.lm_head_weight(), tokens[:, 1:], temperature, chunk,
         flat_tokens=model.backend.cpu_forms)
     first = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
     return first(logp), first(entropy)
@@ -127,8 +128,8 @@ def _batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSet
     if isinstance(batch, PackedBatch):  # [N, L]: every slot's log-prob
         def one(micro):
             tokens, segment_ids = micro
-            packed = PackedBatch(tokens, segment_ids, *(None,) * 7)
-            return packed_logprobs(model, packed, settings.temperature, settings.logprob_chunk)[0]
+            return packed_logprobs(model, tokens, segment_ids, settings.temperature,
+                                   settings.logprob_chunk)[0]
         logp = jax.lax.map(one, (split(batch.tokens), split(batch.segment_ids)))
     else:
         prompt_len = batch.tokens.shape[1] - response_len
@@ -158,7 +159,8 @@ def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
 def _packed_micro_loss(params, graphdef, batch: PackedBatch, num_tokens, num_seqs,
                        settings: UpdateSettings):
     model = nnx.merge(graphdef, params)
-    logp, entropy = packed_logprobs(model, batch, settings.temperature, settings.logprob_chunk)
+    logp, entropy = packed_logprobs(model, batch.tokens, batch.segment_ids, settings.temperature,
+                                    settings.logprob_chunk)
     return losses.policy_loss(settings.loss, logp, batch.old_logp, batch.adv, batch.response_mask,
                               batch.seg, batch.eps_low, batch.eps_high, num_tokens,
                               num_seqs=num_seqs, ref_logp=batch.ref_logp,
