@@ -41,9 +41,13 @@ POD_RUN = {
     "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2,
 }
 # float32 with a KL term, so a resumed run also restores its reference policy (step 0's
-# parameters alone); bf16 compute with the sampler's bf16 copy.
+# parameters alone); bf16 compute with the sampler's bf16 copy; the packed update.
 VARIANTS = {"float32_kl": {"loss.kl_beta": 0.05},
-            "bfloat16_sampler_copy": {"model.dtype": "bfloat16", "mesh.sampler_reshard": True}}
+            "bfloat16_sampler_copy": {"model.dtype": "bfloat16", "mesh.sampler_reshard": True},
+            # The padding-free update across processes: packed rows planned from all-gathered
+            # lengths, placed per process; the recomputed old and reference log-probs unpacked.
+            "float32_packed_kl": {"loss.kl_beta": 0.05, "train.packing": True,
+                                  "rollout.old_logprobs": "recompute"}}
 
 
 @pytest.fixture(scope="module")
