@@ -70,7 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
         filter_zero_variance_groups=False,
         # Prompts per sampler call (0: all prompts_per_step at once). Smaller passes bound the
         # KV cache (rows x context x layers) at the cost of less batching; see docs/scaling.md.
+        # Static engine only: the continuous one bounds it by `slots`.
         sample_batch_size=0,
+        # static: all rows decode together until the longest ends; continuous: `slots` decode
+        # slots per batch shard (0 = one per row) fed from a queue of all rows, a finished row
+        # replaced at once, finished rows graded while decoding goes on (docs/design.md).
+        engine="static",
+        slots=0,
+        chunk_steps=32,                # continuous: decode steps between the host's check-ins
     ))
 
     # The objective: a preset name plus optional overrides of its fields.

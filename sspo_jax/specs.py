@@ -71,6 +71,9 @@ class RolloutSpec:
     grading_timeout: float
     filter_zero_variance_groups: bool
     sample_batch_size: int
+    engine: str
+    slots: int
+    chunk_steps: int
 
     @property
     def rows(self) -> int:
@@ -223,6 +226,17 @@ def _validate(c: RunSpec, batch_shards: int, training_data: bool) -> None:
                                         r.prompts_per_step % r.sample_batch_size == 0),
          f"rollout.sample_batch_size={r.sample_batch_size} must divide rollout.prompts_per_step="
          f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
+    from sspo_jax.generate.sampler import ENGINES
+    need(r.engine in ENGINES, f"rollout.engine={r.engine!r}: choose one of {ENGINES}")
+    need(r.slots >= 0, f"rollout.slots={r.slots} must be >= 0 (0 = one decode slot per row)")
+    need(r.chunk_steps >= 1, f"rollout.chunk_steps={r.chunk_steps} must be >= 1")
+    need(r.engine == "static" or r.sample_batch_size == 0,
+         f"rollout.sample_batch_size={r.sample_batch_size} splits the static engine's batch into "
+         "passes; the continuous engine queues every row and bounds memory by rollout.slots: "
+         "set rollout.sample_batch_size=0 or rollout.engine='static'")
+    need(r.engine == "continuous" or r.slots == 0,
+         f"rollout.slots={r.slots} is the continuous engine's: set rollout.engine='continuous' "
+         "(or rollout.slots=0)")
     # The sampler's and grader's values too, so a bad one fails here, not after the warm start.
     need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0 (0 = greedy)")
     need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1] (1 = no nucleus filter)")

@@ -73,10 +73,20 @@ def greedy(m, batch, eos, n):
                              max_new_tokens=N_GREEDY, temperature=0.0, eos_ids=eos, pad_id=PAD)
 
 
+# Both engines: the continuous one with 5 slots for the 12 rows (rows queue and refill), in
+# chunks of 4 decode steps. Every test of the sampled rows holds for each.
+ENGINE_ARGS = {"static": {}, "continuous": dict(engine="continuous", slots=5, chunk_steps=4)}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINE_ARGS))
+def engine(request):
+    return ENGINE_ARGS[request.param]
+
+
 @pytest.fixture(scope="module")
-def sampled(models, batch):
+def sampled(models, batch, engine):
     ids, mask = batch
-    return sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED)
+    return sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED, **engine)
 
 
 def test_greedy_equals_transformers_generate_with_eos_and_left_padding(models, batch, greedy_eos):
@@ -103,7 +113,8 @@ def test_greedy_equals_transformers_generate_with_eos_and_left_padding(models, b
 
 def test_greedy_num_samples_repeats_rows_prompt_major(models, batch, greedy_eos):
     one, three = greedy(models[1], batch, greedy_eos, 1), greedy(models[1], batch, greedy_eos, 3)
-    for x1, x3 in zip(one, three):
+    for name in ("tokens", "logprobs", "mask", "lengths", "truncated", "entropy"):
+        x1, x3 = getattr(one, name), getattr(three, name)
         np.testing.assert_allclose(np.asarray(x3), np.repeat(np.asarray(x1), 3, axis=0), atol=1e-6)
 
 
@@ -173,10 +184,10 @@ def test_sampled_tokens_lie_in_the_top_k_top_p_set(models, batch, sampled):
     assert (rank[on] > 0).any()  # it did sample, not argmax everywhere
 
 
-def test_same_seed_same_output_different_seed_differs(models, batch, sampled):
+def test_same_seed_same_output_different_seed_differs(models, batch, sampled, engine):
     ids, mask = batch
-    again = sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED)
-    other = sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(4), **SAMPLED)
+    again = sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(3), **SAMPLED, **engine)
+    other = sampler.generate(models[1], ids.numpy(), mask.numpy(), jax.random.key(4), **SAMPLED, **engine)
     for x, y in zip(sampled, again):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert (np.asarray(sampled.tokens) != np.asarray(other.tokens)).any()

@@ -166,6 +166,7 @@ def test_sampling_in_passes_gives_the_rows_of_one_call():
 
     from sspo_jax import model as M
     from sspo_jax.generate import sampler
+    from sspo_jax.train import rollout
     cfg = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                         max_position_embeddings=64)
@@ -175,10 +176,15 @@ def test_sampling_in_passes_gives_the_rows_of_one_call():
     ids = rng.integers(2, 64, (4, 8)).astype(np.int32)
     mask = (np.arange(8)[None] >= 8 - np.array(lengths)[:, None]).astype(np.int32)
     batch = {"prompt_ids": ids, "prompt_mask": mask}
-    settings = dict(num_samples=2, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0)
-    one = loop._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=0, **settings), (1,), 0)
-    two = loop._sample(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=2, **settings), (1,), 0)
+    settings = dict(num_samples=2, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0,
+                    engine="static", slots=0, chunk_steps=32)
+    one = rollout.sample_passes(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=0, **settings), (1,), 0)
+    two = rollout.sample_passes(model, batch, jax.random.key(0), types.SimpleNamespace(sample_batch_size=2, **settings), (1,), 0)
     assert isinstance(two, sampler.GenerateOutput) and two.tokens.shape == (8, 6)
+    # Decode steps and slot-steps add over the passes: 2 passes of 6 steps x 4 rows, against
+    # one pass of 6 steps x 8 rows.
+    assert int(two.decode_steps) == 12 == 2 * int(one.decode_steps)
+    assert int(two.slot_steps) == 48 == int(one.slot_steps)
     np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens))
     np.testing.assert_allclose(np.asarray(two.logprobs), np.asarray(one.logprobs), atol=1e-5)
     with pytest.raises(ValueError, match="rollout.sample_batch_size=3 must divide"):

@@ -76,3 +76,17 @@ def sample_step(rng: jax.Array, logits: jax.Array, *, temperature: float, top_k:
     token = token.astype(jnp.int32)
     logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
     return token, logp, entropy_from_logprobs(logp_all)
+
+
+def sample_rows(keys: jax.Array, logits: jax.Array, *, temperature: float, top_k: int, top_p: float):
+    """sample_step with one key per row (`keys` [R]): row r's draw depends only on its key and
+    its logits, so engines that run a row at different steps or beside different rows draw the
+    same token."""
+    if temperature == 0:
+        return sample_step(keys[0], logits, temperature=0.0, top_k=top_k, top_p=top_p)
+
+    def one(key, row):
+        token, logp, ent = sample_step(key, row[None], temperature=temperature, top_k=top_k, top_p=top_p)
+        return token[0], logp[0], ent[0]
+
+    return jax.vmap(one)(keys, logits)

@@ -45,14 +45,21 @@ class SamplerConfig:
     pad_id: int
 
 
+ENGINES = ("static", "continuous")
+
+
 class GenerateOutput(NamedTuple):
-    """Rows prompt-major: rows i*n .. i*n+n-1 are the n samples of prompt i. N = max_new_tokens."""
+    """Rows prompt-major: rows i*n .. i*n+n-1 are the n samples of prompt i. N = max_new_tokens.
+    The same contract whatever the engine."""
     tokens: jax.Array  # [B*n, N] int32; pad_id after EOS
     logprobs: jax.Array  # [B*n, N] float32; log pi(token) of the full scaled policy, 0 where mask is 0
     mask: jax.Array  # [B*n, N] int32; 1 up to and including the EOS
     lengths: jax.Array  # [B*n] int32; mask.sum(-1)
     truncated: jax.Array  # [B*n] bool; no EOS within max_new_tokens
     entropy: jax.Array  # [B*n, N] float32; entropy of the full scaled policy, 0 where mask is 0
+    decode_steps: jax.Array  # int32[]: decode steps run (static: the longest row's length)
+    slot_steps: jax.Array  # int32[]: rows the decode steps ran (static: steps x rows; continuous:
+    #                        steps x slots); minus lengths.sum() = the padding row-steps
 
 
 @struct.dataclass
@@ -85,10 +92,12 @@ def bucket_length(n: int) -> int:
 
 
 def _record(state: _LoopState, logits: jax.Array, cfg: SamplerConfig) -> _LoopState:
-    """Draws the token for column `state.step` from `logits` [R, V] and writes it."""
-    key = jax.random.fold_in(state.rng, state.step)
-    token, logp, ent = filters.sample_step(
-        key, logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    """Draws the token for column `state.step` from `logits` [R, V] and writes it. Row r draws
+    with key fold_in(fold_in(rng, r), step), as the continuous engine does."""
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(state.rng, r), state.step))(rows)
+    token, logp, ent = filters.sample_rows(
+        keys, logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     active = ~state.done  # [R]
     token = jnp.where(active, token, cfg.pad_id)
     is_eos = jnp.isin(token, jnp.asarray(cfg.eos_ids, jnp.int32)) if cfg.eos_ids else jnp.zeros_like(active)
@@ -158,7 +167,8 @@ def _generate_jit(graphdef, cfg: SamplerConfig, params, prompt_ids, prompt_mask,
 
     state = jax.lax.while_loop(not_finished, sample_and_advance, state)
     return GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, mask=state.mask,
-                          lengths=state.mask.sum(-1), truncated=~state.done, entropy=state.entropy)
+                          lengths=state.mask.sum(-1), truncated=~state.done, entropy=state.entropy,
+                          decode_steps=state.step, slot_steps=state.step * rows)
 
 
 def _validate(cfg: SamplerConfig, ids: np.ndarray, mask: np.ndarray, vocab: int, max_positions: int) -> int:
@@ -213,15 +223,27 @@ def make_config(vocab_size: int, *, max_new_tokens: int, num_samples: int = 1, t
 
 def generate(model, prompt_ids, prompt_mask, rng, *, num_samples: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
-             pad_id: int) -> GenerateOutput:
+             pad_id: int, engine: str = "static", slots: int = 0, chunk_steps: int = 64,
+             on_finished=None) -> GenerateOutput:
     """Samples `num_samples` continuations of each left-padded prompt; see GenerateOutput.
 
     prompt_ids, prompt_mask: [B, T] (mask 1 on real tokens, left padded). rng: a jax.random key.
+    engine: "static" (one batch of B*n rows decoded together until the longest is done) or
+    "continuous" (generate/continuous.py: `slots` decode slots per batch shard, 0 = one per row,
+    fed from a queue of the rows; the host checks in every `chunk_steps` steps and hands the rows
+    finished by then to on_finished(rows, tokens, mask), one process only). Both engines give
+    the same rows for the same rng.
     Raises ValueError on bad input before anything is compiled.
     """
     mcfg = model.config
     cfg = make_config(mcfg.vocab_size, max_new_tokens=max_new_tokens, num_samples=num_samples,
                       temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id)
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; choose one of {ENGINES}")
+    if slots < 0 or chunk_steps < 1:
+        raise ValueError(f"slots={slots} must be >= 0 (0: one per row) and chunk_steps={chunk_steps} >= 1")
+    if on_finished is not None and engine != "continuous":
+        raise ValueError("on_finished streams rows as they finish: it needs engine='continuous'")
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(np.int32)
     longest = _validate(cfg, ids, mask, mcfg.vocab_size, mcfg.max_position_embeddings)
     # Keep the last `longest` columns (all real tokens, rows are left padded), then left pad to the bucket.
@@ -234,6 +256,13 @@ def generate(model, prompt_ids, prompt_mask, rng, *, num_samples: int = 1, max_n
     if mesh is not None:  # on the mesh of the weights: the batch over its data axes
         ids = put_batch(ids, named_sharding(mesh, ("batch", "seq"), ids.shape))
         mask = put_batch(mask, named_sharding(mesh, ("batch", "seq"), mask.shape))
+    if engine == "continuous":
+        from sspo_jax.generate import continuous
+        pool = continuous.run(model, cfg, ids, mask, rng, slots=slots, chunk_steps=chunk_steps,
+                              mesh=mesh, on_finished=on_finished)
+        return GenerateOutput(tokens=pool.tokens, logprobs=pool.logprobs, mask=pool.mask,
+                              lengths=pool.mask.sum(-1), truncated=~pool.done, entropy=pool.entropy,
+                              decode_steps=pool.steps, slot_steps=pool.steps * pool.slot_row.shape[0])
     with using_mesh(mesh):
         return _generate_jit(graphdef, cfg, params, ids, mask, rng)
 

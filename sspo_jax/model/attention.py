@@ -65,6 +65,35 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d)
 
 
+LIVE_PREFIXES = 4  # live_prefix_attention's static prefix lengths per cache
+
+
+def live_prefix_lengths(max_len: int) -> tuple[int, ...]:
+    """The static cache prefixes live_prefix_attention chooses from: j/LIVE_PREFIXES of the
+    cache for j = 1..LIVE_PREFIXES, rounded up to 128 slots (8 for a cache under 1024)."""
+    align = 128 if max_len >= 1024 else 8
+    return tuple(sorted({min(max_len, -(-max_len * j // LIVE_PREFIXES // align) * align)
+                         for j in range(1, LIVE_PREFIXES + 1)}))
+
+
+def live_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                          live: jax.Array) -> jax.Array:
+    """cached_attention reading only the cache's first slots: the shortest static prefix that
+    holds every slot before `live` (int32[]: no row sees a slot at or after it). A decode step's
+    cost then follows the filled part of the cache (within 1/LIVE_PREFIXES of it), not its
+    length; the numbers are those of the whole cache (an unseen slot has weight exactly 0)."""
+    lengths = live_prefix_lengths(k.shape[2])
+    if len(lengths) == 1:
+        return cached_attention(q, k, v, visible)
+    branches = [functools.partial(_prefix_attention, n=n) for n in lengths]
+    which = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths, jnp.int32), live), len(lengths) - 1)
+    return jax.lax.switch(which, branches, q, k, v, visible)
+
+
+def _prefix_attention(q, k, v, visible, *, n: int):
+    return cached_attention(q, k[:, :, :n], v[:, :, :n], visible[..., :n])
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """The reference: [B, Hkv, G, T, T] float32 scores, masked and softmaxed."""
     return cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), segment_mask(segment_ids))

@@ -222,33 +222,53 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def _cached_hidden(self, input_ids, attention_mask, cache, layers):
         """hidden_states with a cache: the T new tokens attend to the cache's real slots and to
-        each other, scores materialised (cheap for a decode step: one query row per head).
+        each other, scores materialised (cheap for a decode step: one query row per head), over
+        the cache's live prefix only (attention_lib.live_prefix_attention).
+        A per-row cache index ([B]) writes each row at its own slot (the continuous engine).
         layers: per-layer weights (cpu_forms.decode_weights) to run unrolled, or None (scan)."""
         cfg = self.config
         b, t = input_ids.shape
         mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
         if t > cache.max_len:
             raise ValueError(f"{t} tokens do not fit a KV cache of max_len {cache.max_len}")
-        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
-            raise ValueError(f"KV cache full: index {int(cache.index)} + {t} tokens > max_len {cache.max_len}")
+        if not isinstance(cache.index, jax.core.Tracer) and int(jnp.max(cache.index)) + t > cache.max_len:
+            raise ValueError(f"KV cache full: index {int(jnp.max(cache.index))} + {t} tokens > max_len {cache.max_len}")
         real_before = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
         positions = jnp.maximum(cache.mask.sum(-1, dtype=jnp.int32)[:, None] + real_before, 0)
         index = cache.index
-        key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
-        q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.max_len)
-        visible = key_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
+        per_row = index.ndim == 1
+        if per_row:
+            # Each row writes its T new slots at its own index (a vmapped dynamic_update_slice:
+            # a scatter, in place in the carried buffers).
+            key_mask = jax.vmap(lambda m, u, i: jax.lax.dynamic_update_slice(m, u, (i,)))(cache.mask, mask, index)
+            q_slot = index[:, None] + jnp.arange(t)                                  # [B, T]
+        else:
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+            q_slot = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+        k_slot = jnp.arange(cache.max_len)
+        visible = key_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[:, :, None])  # [B, T, S]
+        live = jnp.max(index) + t  # slots at or after this hold nothing any row can see
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         layer = self._layer()
 
         def attend_cache(kv, i):
             def attend(q, k, v):
                 # Only the T new slots of the (carried) buffers change: updated in place.
-                at = (i, 0, 0, index, 0)
-                k_all = jax.lax.dynamic_update_slice(kv[0], jnp.swapaxes(k, 1, 2)[None].astype(kv[0].dtype), at)
-                v_all = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2)[None].astype(kv[1].dtype), at)
+                k_new, v_new = (jnp.swapaxes(a, 1, 2).astype(kv[0].dtype) for a in (k, v))  # [B, Hkv, T, D]
+                if per_row:
+                    def put(buf, new):
+                        layer_buf = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
+                        layer_buf = jax.vmap(lambda lb, nb, j: jax.lax.dynamic_update_slice(lb, nb, (0, j, 0)))(
+                            layer_buf, new, index)
+                        return jax.lax.dynamic_update_index_in_dim(buf, layer_buf, i, 0)
+                    k_all, v_all = put(kv[0], k_new), put(kv[1], v_new)
+                else:
+                    at = (i, 0, 0, index, 0)
+                    k_all = jax.lax.dynamic_update_slice(kv[0], k_new[None], at)
+                    v_all = jax.lax.dynamic_update_slice(kv[1], v_new[None], at)
                 k_i = jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False).astype(self.dtype)
                 v_i = jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False).astype(self.dtype)
-                return attention_lib.cached_attention(q, k_i, v_i, visible), (k_all, v_all)
+                return attention_lib.live_prefix_attention(q, k_i, v_i, visible, live), (k_all, v_all)
             return attend
 
         x = self._embed(input_ids)

@@ -23,8 +23,10 @@ from sspo_jax.train import grading
 def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, template: str, max_prompt_len: int,
                   max_new_tokens: int, batch_size: int, grader: rewards_lib.Grader,
                   timeout: float = 5.0, temperature: float = 0.0, num_samples: int = 1,
-                  top_p: float = 1.0, rng: jax.Array | None = None):
-    """(summary, records) for `rows` ({"problem", "answer"} dicts).
+                  top_p: float = 1.0, rng: jax.Array | None = None, engine: str = "static",
+                  slots: int = 0):
+    """(summary, records) for `rows` ({"problem", "answer"} dicts). engine, slots: the sampler's
+    (the run's rollout.engine and rollout.slots).
 
     summary: `accuracy` (mean score over all samples: pass@1 when greedy, avg@k otherwise),
     `pass@k` (a problem counts when any of its k samples is right), the reason counts, the number
@@ -46,7 +48,8 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, template: str, max_
         out = sampler.generate(model, ids, mask,
                                 jax.random.fold_in(rng, i), num_samples=num_samples,
                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
+                                top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, engine=engine,
+                                slots=slots)
         texts = decode_responses(tokenizer, out.tokens, out.mask)
         golds = [a for a, ok in zip(batch["answer"], valid) for _ in range(num_samples) if ok]
         kept = [t for j, t in enumerate(texts) if valid[j // num_samples]]
@@ -136,7 +139,8 @@ def _evaluate(spec, workdir: str, step: int | None) -> dict:
                     else eval_rows(spec.eval, spec.data, spec.seed, name))
             common = dict(template=spec.data.template, max_prompt_len=spec.data.max_prompt_len,
                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, grader=grader,
-                          timeout=spec.rollout.grading_timeout)
+                          timeout=spec.rollout.grading_timeout, engine=spec.rollout.engine,
+                          slots=spec.rollout.slots)
             greedy, records = evaluate_rows(model, tokenizer, rows, **common)
             result = {"benchmark": name, "policy": source, "greedy": greedy, "records": records}
             if e.num_samples > 1:

@@ -28,9 +28,9 @@ from sspo_jax.parallel import to_numpy
 from sspo_jax.rl import packing, train_batch
 from sspo_jax.rl.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.train import checkpoint as ckpt_lib
-from sspo_jax.train import evaluation, grading
+from sspo_jax.train import evaluation
 from sspo_jax.train import metrics as metrics_lib
-from sspo_jax.train import run_record, update
+from sspo_jax.train import rollout, run_record, update
 from sspo_jax.train.compile_cache import CompileCache
 from sspo_jax.train.setup import (abstract_opt_state, build_policy, load_task,
                                   policy_skeleton, run_optimizer, write_run_info)
@@ -144,7 +144,8 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         summary, _ = evaluation.evaluate_rows(
             sampler_model(), tokenizer, eval_rows, template=spec.data.template,
             max_prompt_len=spec.data.max_prompt_len, max_new_tokens=spec.eval.max_new_tokens,
-            batch_size=spec.eval.batch_size, grader=grader, timeout=r.grading_timeout)
+            batch_size=spec.eval.batch_size, grader=grader, timeout=r.grading_timeout,
+            engine=r.engine, slots=r.slots)
         return {f"eval/{k}": v for k, v in summary.items()}
 
     if not resumed:
@@ -163,14 +164,9 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     for step in range(start + 1, spec.steps + 1):
         t0 = time.time()
         batch = next(data_iter)
-        sample = _sample(sampler_model(), batch, jax.random.fold_in(base_key, step), r,
-                         eos_ids, pad_id)
-        jax.block_until_ready(sample.tokens)
-        t_sample = time.time() - t0
-        texts = evaluation.decode_responses(tokenizer, sample.tokens, sample.mask)
-        golds = [a for a in batch["answer"] for _ in range(r.num_samples)]
-        graded = grading.grade_across_hosts(grader, texts, golds, r.grading_timeout)
-        t_grade = time.time() - t0 - t_sample
+        ro = rollout.sample_and_grade(sampler_model(), batch, jax.random.fold_in(base_key, step), r,
+                                      eos_ids, pad_id, tokenizer, grader)
+        sample, texts, graded = ro.sample, ro.texts, ro.graded
         correct = [g.score for g in graded]
         shaping = spec.reward.shaping
         scores = np.array(correct if not shaping else rewards_lib.shaped_rewards(
@@ -193,15 +189,13 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         t_update = time.time() - t_update0
         counters["bad_steps_total"] += int(bad > 0)
         counters["bad_steps_in_a_row"] = counters["bad_steps_in_a_row"] + 1 if bad else 0
-        new_tokens = int(to_numpy(sample.lengths).sum())
         row = {
             "step": step, **step_metrics, **finalize_metrics(loss_parts),
             **{f"grading/{k}": v for k, v in rewards_lib.reason_counts(graded).items()},
             **({"reward/correct_mean": float(np.mean(correct))} if shaping else {}),
             "skipped_updates": bad, "bad_steps_total": counters["bad_steps_total"],
-            "time/sampling_s": t_sample, "time/grading_s": t_grade, "time/update_s": t_update,
-            "time/step_s": time.time() - t0,
-            "tokens_per_s": new_tokens / max(t_sample, 1e-9),
+            "time/sampling_s": ro.sampling_s, "time/grading_s": ro.grading_s, "time/update_s": t_update,
+            "time/step_s": time.time() - t0, **ro.metrics(),
             "train_tokens_per_s": t.ppo_epochs * int(to_numpy(pb.attention_mask).sum()) / max(t_update, 1e-9),
             **packed_stats,
         }
@@ -338,24 +332,6 @@ def _logprobs(param_sets: dict, pb, graphdef, settings, spec, mesh) -> dict:
         logp = packing.unpack(per_slot, layout, pb.tokens.shape, mesh)[:, prompt_len:]
         out[k] = jax.numpy.where(pb.response_mask > 0, logp, 0.0)
     return out
-
-
-def _sample(model, batch, key, r, eos_ids, pad_id):
-    """`r.num_samples` responses per prompt, in passes of `r.sample_batch_size` prompts (one call
-    when 0); pass i draws from fold_in(key, i), a single pass from `key` itself."""
-    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
-    per_pass = r.sample_batch_size or ids.shape[0]
-    passes = ids.shape[0] // per_pass
-    outs = []
-    for i in range(passes):
-        rows = slice(i * per_pass, (i + 1) * per_pass)
-        outs.append(sampler.generate(
-            model, ids[rows], mask[rows], key if passes == 1 else jax.random.fold_in(key, i),
-            num_samples=r.num_samples, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-            top_p=r.top_p, top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id))
-    if passes == 1:
-        return outs[0]
-    return jax.tree.map(lambda *parts: jax.numpy.concatenate(parts), *outs)
 
 
 def _trim_prompts(ids, mask):
