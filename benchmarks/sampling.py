@@ -18,10 +18,26 @@ at all cores (a pure streaming read, the same access a decode step makes to its 
 
     python benchmarks/sampling.py --peak-gbs measure     # CPU: ~5M and ~40M configs
     python benchmarks/sampling.py --sizes 1.5b --peak-gbs 3350 --dtype bfloat16 --no-hf   # GPU
+
+`--workload skewed` times the rollout engines on RL-like response lengths instead: each row's
+length is drawn from a lognormal with median max_new_tokens / 6 (sigma 1), the two longest set to
+the budget (rows that never emit an EOS), and forced by the benchmark's model, a Qwen2 whose
+decoder puts the EOS first once the row has written its drawn length minus one tokens (rows
+have distinct prompt lengths; the length is looked up by it). Greedy, one sample per prompt. The
+static engine, the continuous engine at two slot counts (a quarter and a half of the rows) and
+tunix's vanilla sampler (benchmarks/tunix_sampler.py in its own virtualenv, `--tunix-python`;
+a static sampler with a row at the budget runs every row for max_new_tokens steps, so it is timed
+generating that with no EOS) on the same weights and prompt lengths, in one run; throughput counts
+real tokens (up to and including each EOS):
+
+    python benchmarks/sampling.py --workload skewed --tunix-python /work/tunix-venv/bin/python
 """
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -30,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+
+from flax import nnx
 
 from sspo_jax import model as M
 from sspo_jax.generate import sampler
@@ -134,6 +152,118 @@ def run_size(size, args, jdtype, tdtype):
     return row
 
 
+class ForcedLengthQwen2(M.Qwen2ForCausalLM):
+    """The skewed workload's model: a Qwen2 whose rows end at drawn lengths. `targets[p]` is the
+    length of the row whose prompt has p tokens; the decoder forces the EOS logit to the top when
+    a row has written targets - 1 tokens (a target above max_new_tokens: never)."""
+
+    def set_targets(self, targets: np.ndarray, eos: int, new_tokens: int):
+        self.targets = nnx.Variable(jnp.asarray(targets, jnp.int32))
+        self.eos, self.new_tokens = eos, new_tokens
+
+    def decoder(self):
+        inner = super().decoder()
+        targets, eos, new_tokens = self.targets[...], self.eos, self.new_tokens
+
+        class Forced:
+            head = staticmethod(inner.head)  # the prefill's prediction: column 0 (targets >= 2)
+
+            def __call__(self, token, cache):
+                logits, cache = inner(token, cache)
+                prompt_slots = cache.max_len - new_tokens  # both engines: prompt first, then the response
+                prompt_len = cache.mask[:, :prompt_slots].sum(-1)
+                written = cache.mask[:, prompt_slots:].sum(-1)
+                force = written == targets[jnp.clip(prompt_len, 0, targets.shape[0] - 1)] - 1
+                top = logits[:, 0].max(-1) + 1.0
+                logits = logits.at[:, 0, eos].set(jnp.where(force, top, logits[:, 0, eos]))
+                return logits, cache
+
+        return Forced()
+
+
+def skewed_lengths(rows: int, new: int, seed: int = 0) -> np.ndarray:
+    """Lognormal lengths, median new/6, sigma 1, in [2, new]; the two longest at the budget."""
+    lengths = np.clip(np.round(np.random.default_rng(seed).lognormal(np.log(new / 6), 1.0, rows)), 2, new)
+    lengths[np.argsort(lengths)[-2:]] = new
+    return lengths.astype(np.int64)
+
+
+def run_skewed(size, args, jdtype, tdtype):
+    vocab, rows, new = SIZES[size]["vocab_size"], args.batch, args.new_tokens
+    eos = vocab - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        _, n_params = build(size, tmp, tdtype)
+        loaded = M.from_pretrained(tmp, dtype=jdtype)
+        model = ForcedLengthQwen2(loaded.config, rngs=nnx.Rngs(0), dtype=jdtype)
+        nnx.update(model, nnx.state(loaded))
+        # Distinct prompt lengths (the key of each row's drawn length), 16 .. 16 + rows - 1.
+        prompt_lens = 16 + np.random.default_rng(1).permutation(rows)
+        lengths = skewed_lengths(rows, new)
+        targets = np.full(prompt_lens.max() + 1, new + 1)
+        targets[prompt_lens] = np.where(lengths >= new, new + 1, lengths)
+        model.set_targets(targets, eos, new)
+        width = int(prompt_lens.max())
+        ids = np.random.default_rng(0).integers(1, vocab - 1, (rows, width)).astype(np.int32)
+        mask = (np.arange(width)[None] >= width - prompt_lens[:, None]).astype(np.int32)
+        ids = np.where(mask == 1, ids, 0)
+        tunix = _tunix(tmp, args, rows, prompt_lens, new) if args.tunix_python else None
+    key = jax.random.key(0)
+    engines = {"static": {}, **{f"continuous, {s} slots": dict(engine="continuous", slots=s, chunk_steps=args.chunk_steps)
+                                for s in (rows // 4, rows // 2)}}
+    results = {}
+    for name, kw in engines.items():
+        def call(kw=kw):
+            out = sampler.generate(model, ids, mask, key, max_new_tokens=new, temperature=0.0, eos_ids=(eos,),
+                                   pad_id=0, **kw)
+            return jax.block_until_ready(out)
+        t0 = time.perf_counter()
+        out = call()
+        first = time.perf_counter() - t0
+        got = np.asarray(out.lengths)
+        np.testing.assert_array_equal(np.sort(got), np.sort(lengths))  # the drawn lengths, really
+        results[name] = dict(call=call, best=float("inf"), first=first, steps=int(out.decode_steps),
+                             slot_steps=int(out.slot_steps), tokens=int(got.sum()))
+    for _ in range(args.reps):  # interleaved: every engine sees the same machine load
+        for r in results.values():
+            r["best"] = min(r["best"], timed(r["call"], 1))
+    return dict(size=size, params=n_params, lengths=lengths, results=results, tunix=tunix)
+
+
+def _tunix(ckpt, args, rows, prompt_lens, new):
+    cmd = [args.tunix_python, os.path.join(os.path.dirname(__file__), "tunix_sampler.py"), "--hf-dir", ckpt,
+           "--rows", str(rows), "--prompt-lens", ",".join(map(str, prompt_lens)), "--max-new-tokens", str(new),
+           "--reps", str(args.reps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": jax.default_backend()})
+    if done.returncode:
+        sys.exit(f"tunix peer failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_skewed(rows, args, load_before):
+    print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores; skewed "
+          f"workload: {args.batch} rows, prompts 16-{15 + args.batch} tokens, {args.new_tokens} new tokens at most, "
+          f"{args.dtype}, greedy, min of {args.reps} reps; continuous chunks of {args.chunk_steps} steps; "
+          f"1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end\n")
+    print("| config | lengths (median / mean / at budget) | engine | s | real tok/s | decode steps | "
+          "slot occupancy | vs static | vs tunix | first call s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        lengths, res, tunix = row["lengths"], row["results"], row["tunix"]
+        desc = f"{np.median(lengths):.0f} / {lengths.mean():.0f} / {(lengths >= args.new_tokens).sum()}"
+        static = res["static"]["best"]
+        for name, r in res.items():
+            vs_tunix = f"{tunix['best_s'] / r['best']:.2f}x" if tunix else "-"
+            print(f"| {row['size']} ({row['params'] / 1e6:.1f}M) | {desc} | {name} | {r['best']:.2f} | "
+                  f"{r['tokens'] / r['best']:.0f} | {r['steps']} | {r['tokens'] / r['slot_steps']:.2f} | "
+                  f"{static / r['best']:.2f}x | {vs_tunix} | {r['first']:.1f} |")
+        if tunix:
+            tokens = res["static"]["tokens"]
+            print(f"| {row['size']} ({row['params'] / 1e6:.1f}M) | {desc} | tunix {tunix['tunix_version']} vanilla | "
+                  f"{tunix['best_s']:.2f} | {tokens / tunix['best_s']:.0f} | {tunix['max_new_tokens']} | "
+                  f"{tokens / (args.batch * args.new_tokens):.2f} | {static / tunix['best_s']:.2f}x | 1.00x | "
+                  f"{tunix['compile_s']:.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="5m,40m", help=f"comma list of {sorted(SIZES)}")
@@ -146,7 +276,17 @@ def main():
                         help="peak memory bandwidth in GB/s, or 'measure' (this host's streaming read "
                              "bandwidth); adds the roofline fraction")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers peer")
+    parser.add_argument("--workload", default="uniform", choices=("uniform", "skewed"))
+    parser.add_argument("--tunix-python", default="", help="skewed: the python of a virtualenv with google-tunix")
+    parser.add_argument("--chunk-steps", type=int, default=32, help="skewed: the continuous engine's chunk_steps")
     args = parser.parse_args()
+    if args.workload == "skewed":
+        if args.batch == 8 and args.new_tokens == 128:  # the uniform defaults: RL-like sizes instead
+            args.batch, args.new_tokens = 64, 512
+        load_before = os.getloadavg()[0]
+        rows = [run_skewed(size, args, *DTYPES[args.dtype]) for size in args.sizes.split(",")]
+        print_skewed(rows, args, load_before)
+        return
     jdtype, tdtype = DTYPES[args.dtype]
     measured = args.peak_gbs == "measure"
     try:

@@ -30,6 +30,11 @@ def get_config(arg: str | None = None):
     c.rollout.num_samples = 8
     c.rollout.max_new_tokens = 3000
     c.rollout.temperature = 1.0
+    # Continuous batching: 128 decode slots per batch shard fed from a queue of all 1024 rows, so
+    # a short response frees its slot for the next row instead of idling until the longest one
+    # ends; memory is bounded by the slots (docs/design.md, "Sampler"; docs/scaling.md).
+    c.rollout.engine = "continuous"
+    c.rollout.slots = 128
     c.train.ppo_mini_batches = 4
     c.train.ppo_epochs = 1
     c.train.micro_batch_size = 8

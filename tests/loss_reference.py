@@ -84,8 +84,9 @@ def clip_bounds(cfg, mask, seg, entropy):
 
 
 def policy_loss(cfg, logp, old_logp, adv, mask, seg, lo, hi, num_tokens=None, num_seqs=None,
-                ref_logp=None):
-    """(loss, dloss/dlogp [B, T]) in float64."""
+                ref_logp=None, outlier_gradient=False):
+    """(loss, dloss/dlogp [B, T]) in float64. A token whose own |l - l_old| exceeds the clamp
+    has no gradient (outlier_gradient=True: the old rule, w * A, for contrast)."""
     B, T = mask.shape
     lo = np.broadcast_to(np.asarray(lo, float), (B, T))
     hi = np.broadcast_to(np.asarray(hi, float), (B, T))
@@ -116,7 +117,8 @@ def policy_loss(cfg, logp, old_logp, adv, mask, seg, lo, hi, num_tokens=None, nu
                 elif A < 0 and w < 1 - lo[i, t]:
                     u, du = (1 - lo[i, t]) * A, 0.0
                 else:
-                    u, du = w * A, w * A
+                    inside = abs(float(logp[i, t]) - float(old_logp[i, t])) <= c
+                    u, du = w * A, (w * A if inside or outlier_gradient else 0.0)
                 if cfg.dual_clip is not None and A < 0 and u < cfg.dual_clip * A:
                     u, du = cfg.dual_clip * A, 0.0
                 loss -= weight * u

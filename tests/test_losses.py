@@ -56,6 +56,48 @@ def test_matches_float64_reference(name, seed):
     assert np.abs(want_grad).max() > 1e-3  # the batch really exercises the gradient
 
 
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_token_beyond_the_log_ratio_clamp_has_no_gradient(name):
+    """d = +25 on a token of a row with A < 0 and d = -25 on one with A > 0 (and -25 / +25 on
+    two more): each keeps its clamped value (+-20) in its unit's ratio, so the loss is the
+    reference's, but contributes no gradient; the other tokens' gradients are the reference's.
+    Under the old rule (w * A for an unclipped token) some preset gives such a token e^20 |A|."""
+    cfg, b = VARIANTS[name], ref.random_batch(3)
+    neg, pos = int(np.flatnonzero(b["adv"] < 0)[0]), int(np.flatnonzero(b["adv"] > 0)[0])
+    outliers = [(neg, 1, 25.0), (pos, 2, -25.0), (neg, 3, -25.0), (pos, 0, 25.0)]
+    for i, t, d in outliers:
+        assert b["mask"][i, t]
+        b["old_logp"][i, t] = b["logp"][i, t] - d
+    seg_ref = ref.subsentences(b["tokens"], b["mask"], ref.ENDS)
+    with jax.enable_x64(True):
+        seg = segments.segment_ids(b["tokens"], b["mask"], ref.ENDS)
+        lo, hi = losses.clip_bounds(cfg, b["mask"], seg, jnp.asarray(b["entropy"]))
+        loss, grad, _ = jax_loss_and_grad(cfg, b, seg, lo, hi)
+    lo_ref, hi_ref = ref.clip_bounds(cfg, b["mask"], seg_ref, b["entropy"])
+    args = (cfg, b["logp"], b["old_logp"], b["adv"], b["mask"], seg_ref, lo_ref, hi_ref)
+    want_loss, want_grad = ref.policy_loss(*args, ref_logp=b["ref_logp"])
+    assert abs(loss - want_loss) <= 1e-6 * max(1.0, abs(want_loss)), (loss, want_loss)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-9, atol=1e-6)
+    if cfg.kl_beta == 0:  # (with KL the token keeps its KL term's gradient, checked above)
+        for i, t, _ in outliers:
+            assert grad[i, t] == 0.0, (i, t, grad[i, t])
+
+
+def test_the_old_outlier_rule_gave_e20_gradients():
+    """The contrast: GRPO without the rule gives the d = +25, A < 0 token a gradient of about
+    e^20 |A| / tokens, far above every other entry."""
+    cfg, b = losses.preset("grpo"), ref.random_batch(3)
+    neg = int(np.flatnonzero(b["adv"] < 0)[0])
+    b["old_logp"][neg, 1] = b["logp"][neg, 1] - 25.0
+    seg = ref.subsentences(b["tokens"], b["mask"], ref.ENDS)
+    lo, hi = ref.clip_bounds(cfg, b["mask"], seg, b["entropy"])
+    args = (cfg, b["logp"], b["old_logp"], b["adv"], b["mask"], seg, lo, hi)
+    _, old_rule = ref.policy_loss(*args, outlier_gradient=True)
+    _, new_rule = ref.policy_loss(*args)
+    assert abs(old_rule[neg, 1]) > 1e6 * np.abs(np.delete(old_rule.ravel(), neg * old_rule.shape[1] + 1)).max()
+    assert new_rule[neg, 1] == 0.0
+
+
 def test_reference_batch_hits_every_branch():
     """The random batch clips low, high and dual for grpo, so the comparisons above cover them."""
     b = ref.random_batch(0)

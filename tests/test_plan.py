@@ -226,6 +226,36 @@ def test_sampling_passes_cost_one_decode_loop_each(slice_name):
     assert sum(i.bytes for i in sampler(passes)) < sum(i.bytes for i in sampler(whole))
 
 
+def test_the_continuous_engine_is_planned_by_its_slots():
+    """rollout.engine=continuous with 64 slots per batch shard on a v5p-8 (4 shards): 256 slots
+    for 1024 rows. Decode steps: max_new_tokens for the last rows to drain, plus the queue of
+    768 rows at an assumed mean of PACKED_RESPONSE_FRACTION x 3000 tokens over 256 slots; each
+    step runs (and reads the cache of) 256 slots, not 1024 rows; the decode's memory is that
+    of the slots plus the prompts' own cache (prompt slots only), which the slots copy from."""
+    slice_ = plan.parse_slice("v5p-8")
+    cfg = M.Qwen2Config(**plan.KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"])
+    static, cont = _math_config(), _math_config(engine="continuous", slots=64)
+    mesh = plan.resolve_mesh(static.mesh, slice_)
+    assert mesh.batch_shards == 4
+    s = plan.rollout_shapes(cont)
+    assert s.decode_rows(4) == 256
+    steps = 3000 + math.ceil(768 * plan_tables.PACKED_RESPONSE_FRACTION * 3000 / 256)
+    costs = {k: plan.cost_model(c, cfg, mesh) for k, c in (("static", static), ("cont", cont))}
+    assert costs["cont"].decode_steps == steps
+    assert costs["cont"].decode_step_bytes < costs["static"].decode_step_bytes
+
+    def decode_items(c):
+        return {i.name: i.bytes for i in plan.memory_plan(c, cfg, mesh) if i.phase == "sampling: decode"}
+
+    ours, theirs = decode_items(cont), decode_items(static)
+    assert ours["KV cache"] == pytest.approx(theirs["KV cache"] / 4)
+    assert "prompt KV cache (the slots copy from it)" in ours
+    # Slots past the rows are the rows; the static engine's passes are not the continuous one's.
+    assert plan.rollout_shapes(_math_config(engine="continuous", slots=4096)).decode_rows(4) == 1024
+    with pytest.raises(ValueError, match="bounds memory by rollout.slots"):
+        plan.rollout_shapes(_math_config(engine="continuous", slots=64, sample_batch_size=32))
+
+
 def test_sample_batch_size_must_divide_the_prompts():
     with pytest.raises(ValueError, match="sample_batch_size=48 must divide"):
         plan.rollout_shapes(_math_config(sample_batch_size=48))

@@ -54,7 +54,9 @@ def generate(m, batch, eos, engine, **kw):
     return sampler.generate(m, ids, mask, jax.random.key(3), engine=engine, **{**args, **kw})
 
 
-def assert_same_rows(a, b, atol=1e-6):
+def assert_same_rows(a, b, atol=1e-5):
+    """Tokens, masks and lengths identical; logprobs and entropies (magnitude ~5) within float32
+    rounding of attention summed at another width (a few ulps; 1e-5 as for the trainer)."""
     for name in PER_ROW:
         np.testing.assert_array_equal(np.asarray(a[name] if isinstance(a, dict) else getattr(a, name)),
                                       np.asarray(getattr(b, name)), err_msg=name)
@@ -76,15 +78,14 @@ def test_greedy_rows_equal_transformers_generate_and_the_static_engine(models, b
     assert (lengths == N_NEW).any() and (lengths < N_NEW).sum() >= 2, lengths  # budget rows and early EOS
     assert len(set(lengths.tolist())) >= 3
     assert_same_rows(generate(m, batch, eos, "static"), out)
-    # Decode steps: with one slot per row the longest row's length (as static); with 2 slots for
-    # 5 rows the rows queue, and the slot-steps are the real tokens plus at most one idle step
-    # per slot at each admission wait, never the static engine's rows x longest.
+    # Decode steps: with one slot per row the longest row's length (as static; the pool halves
+    # as rows end, so fewer slot-steps); with 2 slots for 5 rows the rows queue.
     steps, slot_steps = int(out.decode_steps), int(out.slot_steps)
+    assert lengths.sum() <= slot_steps <= N_NEW * len(LENGTHS)
     if slots == 0:
-        assert steps == lengths.max() and slot_steps == steps * len(LENGTHS)
+        assert steps == lengths.max() and slot_steps <= steps * len(LENGTHS)
     else:
-        assert slot_steps == steps * 2 and steps >= lengths.sum() / 2
-        assert slot_steps - lengths.sum() < N_NEW * len(LENGTHS) - lengths.sum()
+        assert slot_steps <= steps * 2 and steps >= lengths.sum() / 2
 
 
 def test_sampled_rows_equal_the_static_engines_with_several_samples_per_prompt(models, batch):
@@ -92,11 +93,11 @@ def test_sampled_rows_equal_the_static_engines_with_several_samples_per_prompt(m
     kw = dict(num_samples=3, temperature=1.5, top_k=4, top_p=0.7)
     eos = (5, 6)
     static = generate(m, batch, eos, "static", **kw)
-    for slots, chunk in ((4, 2), (0, 64)):
+    for slots, chunk in ((0, 64), (4, 5), (4, 2)):
         out = generate(m, batch, eos, "continuous", slots=slots, chunk_steps=chunk, **kw)
-        assert_same_rows(static, out)
-    again = generate(m, batch, eos, "continuous", slots=4, chunk_steps=5, **kw)
-    assert_same_rows(out, again, atol=0)  # same seed, same rows (whatever the chunking)
+        assert_same_rows(static, out)  # whatever the slots and the chunking
+    again = generate(m, batch, eos, "continuous", slots=4, chunk_steps=2, **kw)
+    assert_same_rows(out, again, atol=0)  # same seed and settings: bit for bit
     other = sampler.generate(m, *batch, jax.random.key(4), engine="continuous", slots=4, max_new_tokens=N_NEW,
                              eos_ids=eos, pad_id=PAD, **kw)
     assert not np.array_equal(np.asarray(other.tokens), np.asarray(out.tokens))
@@ -115,6 +116,12 @@ def test_finished_rows_stream_out_once_each_with_their_final_tokens(models, batc
         np.testing.assert_array_equal(mk, mask[r])
     with pytest.raises(ValueError, match="needs engine='continuous'"):
         generate(m, batch, eos, "static", on_finished=lambda *a: None)
+
+
+def test_the_draining_pool_shrinks_to_the_rows_still_decoding():
+    """Once no row is queued the pool halves while the busiest group fits: slot-steps fall
+    towards the real tokens; the rows are the same."""
+    assert [continuous._shrunk_width(16, b) for b in (16, 9, 8, 5, 4, 1, 0)] == [16, 16, 8, 8, 4, 1, 1]
 
 
 def test_one_compilation_per_shape_and_bad_engine_arguments(models, batch, eos):

@@ -135,6 +135,8 @@ MESH_RUN = {
     "eval.num_prompts": 16, "eval.batch_size": 8, "eval.max_new_tokens": 24,
     "checkpoint.every": 1, "data.synthetic_train_size": 400,
     "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+    # The continuous engine: 4 slots per batch shard for its 8 rows, so rows queue in each group.
+    "rollout.engine": "continuous", "rollout.slots": 4,
 }
 def _train_args(workdir):
     return ["--config=configs/demo.py", f"--workdir={workdir}",

@@ -50,6 +50,7 @@ class Pool:
     """The engine's state between decode chunks. S slots, R rows, N = max_new_tokens."""
     steps: jax.Array         # int32[]: decode steps run
     busy: jax.Array          # int32[]: occupied slot-steps (sampled tokens)
+    slot_steps: jax.Array    # int32[]: slots the decode steps ran (the pool shrinks as it drains)
     next_row: jax.Array      # [G] int32: each group's next queued row, local to the group
     slot_row: jax.Array      # [S] int32: global row in the slot, -1 when free
     slot_t: jax.Array        # [S] int32: tokens that row has written
@@ -100,7 +101,7 @@ def _init_pool(model, cfg, prompts: Prompts, groups: int, slots: int) -> Pool:
     cache = model.init_cache(slots, p + n_new)
     cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
     return Pool(
-        steps=jnp.zeros((), jnp.int32), busy=jnp.zeros((), jnp.int32),
+        steps=jnp.zeros((), jnp.int32), busy=jnp.zeros((), jnp.int32), slot_steps=jnp.zeros((), jnp.int32),
         next_row=jnp.zeros((groups,), jnp.int32),
         slot_row=jnp.full((slots,), -1, jnp.int32), slot_t=jnp.zeros((slots,), jnp.int32),
         next_logits=jnp.zeros((slots, prompts.logits.shape[-1]), jnp.float32),
@@ -178,7 +179,7 @@ def _group_specs(mesh, pool: Pool, prompts: Prompts, groups: int):
     kv = logical_to_spec(kv_cache.KV_AXES, pool.cache.k.shape, mesh, report=False)
     kv = PartitionSpec(kv[0], batch, *kv[2:])
     row = PartitionSpec(batch)
-    pool_spec = Pool(steps=PartitionSpec(), busy=PartitionSpec(), next_row=row, slot_row=row, slot_t=row,
+    pool_spec = Pool(steps=PartitionSpec(), busy=PartitionSpec(), slot_steps=PartitionSpec(), next_row=row, slot_row=row, slot_t=row,
                      next_logits=PartitionSpec(batch, None),
                      cache=kv_cache.KVCache(k=kv, v=kv, mask=PartitionSpec(batch, None), index=row),
                      tokens=PartitionSpec(batch, None), logprobs=PartitionSpec(batch, None),
@@ -225,12 +226,38 @@ def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, param
         pool, token, active = bookkeeping(pool, prompts, row_base, rng)
         logits, cache = decoder(token[:, None], pool.cache)
         pool = pool.replace(next_logits=logits[:, 0], cache=cache, steps=pool.steps + 1,
-                            busy=pool.busy + active.sum(dtype=jnp.int32))
+                            busy=pool.busy + active.sum(dtype=jnp.int32),
+                            slot_steps=pool.slot_steps + active.shape[0])
         return pool, i + 1
 
     pool, _ = jax.lax.while_loop(lambda c: (c[1] < chunk_steps) & more(c[0]), step, (pool, 0))
     view = (jnp.copy(pool.finished), jnp.copy(pool.tokens), jnp.copy(pool.mask)) if stream else None
-    return pool, more(pool), view
+    # What the host needs to shrink the pool: is any row still queued, and the most occupied
+    # slots of any group.
+    queued = jnp.any(pool.next_row < rows_per_group)
+    busiest = (pool.slot_row >= 0).reshape(groups, -1).sum(1).max()
+    return pool, more(pool), (queued, busiest), view
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _shrink(groups: int, keep: int, pool: Pool) -> Pool:
+    """The pool with `keep` slots per group: each group's occupied slots first (their caches,
+    indices and next logits), the rest dropped. Only once no row is queued and every group has
+    at most `keep` occupied slots: the drain then runs at the width of the rows still decoding,
+    not of the pool the queue needed."""
+    def local(pool):
+        order = jnp.argsort(pool.slot_row < 0, stable=True)[:keep]
+        take = functools.partial(jnp.take, indices=order)
+        cache = pool.cache.replace(k=take(pool.cache.k, axis=1), v=take(pool.cache.v, axis=1),
+                                   mask=take(pool.cache.mask, axis=0), index=take(pool.cache.index, axis=0))
+        return pool.replace(slot_row=take(pool.slot_row, axis=0), slot_t=take(pool.slot_t, axis=0),
+                            next_logits=take(pool.next_logits, axis=0), cache=cache)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if groups > 1 and mesh is not None and not mesh.empty:
+        spec = _group_specs(mesh, pool, None, groups)[0]
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
+    return local(pool)
 
 
 def run(model, cfg, ids, mask, rng, *, slots: int, chunk_steps: int, mesh=None,
@@ -249,20 +276,32 @@ def run(model, cfg, ids, mask, rng, *, slots: int, chunk_steps: int, mesh=None,
     with using_mesh(mesh):
         prompts = _prefill(graphdef, params, ids, mask)
         pool = _init_pool_jit(graphdef, cfg, groups, per_group * groups, params, prompts)
-        row_base = _row_base(groups, per_group, rows // groups)
-        chunk = functools.partial(_run_chunk, graphdef, cfg, chunk_steps, groups, on_finished is not None, params)
-        pool, left, view = chunk(pool, prompts, row_base, rng)
+        stream = on_finished is not None
+
+        def chunk(pool):
+            width = pool.slot_row.shape[0] // groups
+            return _run_chunk(graphdef, cfg, chunk_steps, groups, stream, params, pool, prompts,
+                              _row_base(groups, width, rows // groups), rng)
+
+        pool, left, state, view = chunk(pool)
         seen = np.zeros(rows, bool)
         while True:
             # The next chunk is dispatched before this one's results are read: the device never
-            # waits for the host (after the last chunk, one more finds nothing to do).
-            pool, more, ahead = chunk(pool, prompts, row_base, rng)
-            if on_finished is not None:
+            # waits for the host (after the last chunk, one more finds nothing to do). Shrinking
+            # acts on the previous chunk's counts, which can only have fallen since.
+            pool, more, ahead_state, ahead = chunk(pool)
+            if stream:
                 seen = _stream(view, seen, on_finished)
             view = ahead
             if not bool(left):
                 break
             left = more
+            queued, busiest = (int(x) for x in state)
+            state = ahead_state
+            width = pool.slot_row.shape[0] // groups
+            keep = _shrunk_width(width, busiest) if not queued else width
+            if keep < width:
+                pool = _shrink(groups, keep, pool)
     if on_finished is not None:
         _stream(view, seen, on_finished)
     return pool
@@ -279,6 +318,15 @@ def _stream(view, seen: np.ndarray, on_finished) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _init_pool_jit(graphdef, cfg, groups: int, slots: int, params, prompts: Prompts) -> Pool:
     return _init_pool(nnx.merge(graphdef, params), cfg, prompts, groups, slots)
+
+
+def _shrunk_width(width: int, busiest: int) -> int:
+    """The slots per group a draining pool keeps: halved while the busiest group fits in half
+    (a few sizes, each compiled once), never below 1."""
+    keep = width
+    while keep > 1 and busiest <= keep // 2:
+        keep //= 2
+    return keep
 
 
 def _row_base(groups: int, per_group: int, rows_per_group: int) -> jax.Array:

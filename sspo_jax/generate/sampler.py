@@ -262,7 +262,7 @@ def generate(model, prompt_ids, prompt_mask, rng, *, num_samples: int = 1, max_n
                               mesh=mesh, on_finished=on_finished)
         return GenerateOutput(tokens=pool.tokens, logprobs=pool.logprobs, mask=pool.mask,
                               lengths=pool.mask.sum(-1), truncated=~pool.done, entropy=pool.entropy,
-                              decode_steps=pool.steps, slot_steps=pool.steps * pool.slot_row.shape[0])
+                              decode_steps=pool.steps, slot_steps=pool.slot_steps)
     with using_mesh(mesh):
         return _generate_jit(graphdef, cfg, params, ids, mask, rng)
 

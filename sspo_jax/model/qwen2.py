@@ -238,8 +238,8 @@ class Qwen2ForCausalLM(nnx.Module):
         index = cache.index
         per_row = index.ndim == 1
         if per_row:
-            # Each row writes its T new slots at its own index (a vmapped dynamic_update_slice:
-            # a scatter, in place in the carried buffers).
+            # Each row writes its T new slots at its own index (a scatter, in place in the
+            # carried buffers).
             key_mask = jax.vmap(lambda m, u, i: jax.lax.dynamic_update_slice(m, u, (i,)))(cache.mask, mask, index)
             q_slot = index[:, None] + jnp.arange(t)                                  # [B, T]
         else:
@@ -254,15 +254,15 @@ class Qwen2ForCausalLM(nnx.Module):
         def attend_cache(kv, i):
             def attend(q, k, v):
                 # Only the T new slots of the (carried) buffers change: updated in place.
-                k_new, v_new = (jnp.swapaxes(a, 1, 2).astype(kv[0].dtype) for a in (k, v))  # [B, Hkv, T, D]
                 if per_row:
-                    def put(buf, new):
-                        layer_buf = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
-                        layer_buf = jax.vmap(lambda lb, nb, j: jax.lax.dynamic_update_slice(lb, nb, (0, j, 0)))(
-                            layer_buf, new, index)
-                        return jax.lax.dynamic_update_index_in_dim(buf, layer_buf, i, 0)
-                    k_all, v_all = put(kv[0], k_new), put(kv[1], v_new)
+                    # One scatter straight into the [L, B, Hkv, S, D] buffer (slicing the
+                    # layer out and back would copy it twice per step).
+                    rows = jnp.arange(b)[:, None]
+                    slots = q_slot                                                   # [B, T]
+                    k_all = kv[0].at[i, rows, :, slots].set(k.astype(kv[0].dtype), mode="drop")
+                    v_all = kv[1].at[i, rows, :, slots].set(v.astype(kv[1].dtype), mode="drop")
                 else:
+                    k_new, v_new = (jnp.swapaxes(a, 1, 2).astype(kv[0].dtype) for a in (k, v))  # [B, Hkv, T, D]
                     at = (i, 0, 0, index, 0)
                     k_all = jax.lax.dynamic_update_slice(kv[0], k_new[None], at)
                     v_all = jax.lax.dynamic_update_slice(kv[1], v_new[None], at)

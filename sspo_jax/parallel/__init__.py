@@ -9,6 +9,6 @@ from sspo_jax.parallel.rules import (  # noqa: F401
     LOGICAL_RULES, SAMPLER_RULES, batch_shards, constrain, logical_axes, logical_to_spec,
     mesh_of, named_sharding, state_shardings, using_mesh)
 from sspo_jax.parallel.placement import (  # noqa: F401
-    abstract, shard_model, place, relayout, put_global, put_batch, sampler_params)
+    abstract, shard_model, place, relayout, put_global, put_batch, sampler_params, compute_copy)
 from sspo_jax.parallel.hosts import (  # noqa: F401
     initialize, is_chief, to_numpy, process_block, allgather_blocks, define_flags, initialize_from_flags)

@@ -112,10 +112,20 @@ def sampler_params(params: Any, abstract_state: Any, mesh: Mesh, dtype: Any) -> 
     casts every other weight to the compute dtype itself, so the copy samples exactly as the
     training parameters do, from half the bytes in bf16."""
     shardings = state_shardings(abstract_state, mesh, SAMPLER_RULES)
+    return relayout(params, shardings, _compute_dtypes(abstract_state, dtype))
 
+
+def compute_copy(params: Any, abstract_state: Any, dtype: Any) -> Any:
+    """`params` cast to the compute `dtype` once, each array keeping its layout (norm weights
+    keep theirs, as in sampler_params): what a decode loop reads when the weights stay sharded,
+    so no step casts (or all-gathers) float32 master weights again."""
+    shardings = jax.tree.map(lambda a: a.sharding, params)
+    return relayout(params, shardings, _compute_dtypes(abstract_state, dtype))
+
+
+def _compute_dtypes(abstract_state: Any, dtype: Any) -> Any:
     def target(variable):
         keep = "norm" in (logical_axes(variable) or ()) or not jnp.issubdtype(variable.dtype, jnp.floating)
         return jnp.dtype(variable.dtype if keep else dtype)
 
-    dtypes = jax.tree.map(target, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return relayout(params, shardings, dtypes)
+    return jax.tree.map(target, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

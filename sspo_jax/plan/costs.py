@@ -16,6 +16,7 @@ temporaries (and may hoist or fuse differently), so treat >= 90% of HBM as not f
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from sspo_jax import parallel
@@ -40,6 +41,8 @@ class Shapes:
     new_tokens: int     # max_new_tokens: every row's response slots
     micro_rows: int     # train.micro_batch_size (global)
     per_pass: int       # prompts per sampler call (rollout.sample_batch_size, 0 = all)
+    engine: str = "static"  # rollout.engine
+    slots: int = 0      # rollout.slots: continuous decode slots per batch shard (0 = one per row)
 
     @property
     def rows(self) -> int:
@@ -59,6 +62,23 @@ class Shapes:
         """Slots per row, in the KV cache and in training: prompt + response."""
         return self.prompt_len + self.new_tokens
 
+    def decode_rows(self, batch_shards: int) -> int:
+        """Rows one decode step runs (global): a pass's rows, or the continuous engine's slots."""
+        if self.engine != "continuous" or self.slots <= 0:
+            return self.pass_rows
+        return min(self.rows, self.slots * batch_shards)
+
+    def decode_steps(self, batch_shards: int) -> int:
+        """Decode steps per RL step. Static: max_new_tokens per pass (a row at the budget keeps
+        every row going). Continuous: while rows queue every slot is busy, each row taking the
+        assumed mean response (PACKED_RESPONSE_FRACTION of max_new_tokens); then the last rows
+        drain, up to max_new_tokens."""
+        if self.engine != "continuous":
+            return self.passes * self.new_tokens
+        slots = self.decode_rows(batch_shards)
+        queued = self.rows - slots
+        return self.new_tokens + math.ceil(queued * PACKED_RESPONSE_FRACTION * self.new_tokens / slots)
+
 
 def rollout_shapes(config) -> Shapes:
     from sspo_jax.generate.sampler import bucket_length  # the sampler pads prompts to this length
@@ -67,8 +87,13 @@ def rollout_shapes(config) -> Shapes:
     if per_pass < 0 or r.prompts_per_step % per_pass:
         raise ValueError(f"rollout.sample_batch_size={per_pass} must divide rollout.prompts_per_step="
                          f"{r.prompts_per_step} (0 = all prompts in one sampler call)")
+    engine = r.get("engine", "static")
+    if engine == "continuous" and r.sample_batch_size:
+        raise ValueError("rollout.sample_batch_size is the static engine's; the continuous engine "
+                         "bounds memory by rollout.slots")
     return Shapes(r.prompts_per_step, r.num_samples, bucket_length(config.data.max_prompt_len),
-                  r.max_new_tokens, config.train.micro_batch_size, per_pass)
+                  r.max_new_tokens, config.train.micro_batch_size, per_pass, engine,
+                  r.get("slots", 0))
 
 
 # ---------------------------------------------------------------- memory
@@ -194,16 +219,20 @@ class Model:
 
 
 def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_len: int,
-                   new_tokens: int, reshard: bool, what: str) -> list[Item]:
+                   new_tokens: int, reshard: bool, what: str, decode_rows: int | None = None) -> list[Item]:
     """One sampler call (`generate`) over `prompts` x `samples` rows, as two phases: the prefill
     of the prompts, then the decode loop over the repeated cache. `what`: the config field that
-    sets the number of prompts per call."""
+    sets the number of prompts per call. decode_rows: the continuous engine's slots (global);
+    its prompts' cache (prompt_len slots each) lives through the decode, each slot copying its
+    row's prompt from it."""
     cfg, c = model.cfg, model.c
-    slots, rows = prompt_len + new_tokens, prompts * samples
+    slots, rows = prompt_len + new_tokens, decode_rows or prompts * samples
+    if decode_rows:
+        what = "rollout.slots"
     b_p = model.batch_rows(prompts)
     prefill, decode = f"{phase}: prefill", f"{phase}: decode"
     fewer = FEWER_ROWS.format(what=what)
-    prompt_cache = model.kv_cache(prompts, slots)
+    prompt_cache = model.kv_cache(prompts, prompt_len if decode_rows else slots)
 
     def weights(phase):
         if reshard:
@@ -211,9 +240,15 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
                         f"a copy in the compute dtype ({c} B), split over tensor only",
                         "mesh.sampler_reshard=False (decode from the fsdp-sharded weights), or "
                         "mesh.tensor > 1")
-        return Item(phase, "gathered weights (2 layers + LM head)",
-                    2 * model.gathered_layer() + model.gathered_head(),
-                    "each forward all-gathers every layer over fsdp", "mesh.tensor > 1")
+        gathered = Item(phase, "gathered weights (2 layers + LM head)",
+                        2 * model.gathered_layer() + model.gathered_head(),
+                        "each forward all-gathers every layer over fsdp", "mesh.tensor > 1")
+        if model.c == model.p:
+            return gathered
+        # The sampler casts the sharded master weights to the compute dtype once per rollout.
+        return [gathered, Item(phase, "sampler weights (compute-dtype copy, sharded like the parameters)",
+                               c * model.params(), f"the parameters in {c} B, cast once per rollout",
+                               SHARD_MORE)]
 
     logits = 4.0 * b_p * cfg.vocab_size / model.t_vocab
 
@@ -226,24 +261,32 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
         Item(prefill, "prompt KV cache", prompt_cache,
              f"2 x L x {prompts} prompts x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
         prefill_logits(prefill),
+        *_as_list(weights(prefill)),
         Item(prefill, "prefill layer working set", model.layer_forward(b_p, prompt_len, prompt_len),
              "one layer over the prompts, attending among themselves"
              + (f" ({model.attention_impl}: no scores in HBM)" if model.fused else "; float32 scores + probabilities"),
              f"fewer prompts per sampler call (a smaller {what}) or a shorter data.max_prompt_len"),
-        weights(prefill),
         Item(decode, "KV cache", model.kv_cache(rows, slots),
              f"2 x L x {rows} rows x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),
     ]
-    if samples > 1:  # XLA builds the repeated cache while the prompts' cache and logits live
+    if decode_rows:
+        items += [Item(decode, "prompt KV cache (the slots copy from it)", prompt_cache,
+                       f"{prompts} prompts x {prompt_len} slots", FEWER_ROWS.format(what="rollout.prompts_per_step")),
+                  prefill_logits(decode)]
+    elif samples > 1:  # XLA builds the repeated cache while the prompts' cache and logits live
         items += [Item(decode, "prompt KV cache (while it is repeated per sample)", prompt_cache,
                        f"the cache of {prompts} prompts", fewer), prefill_logits(decode)]
     items += [
         Item(decode, "decode logits and sampling buffers",
              4 * 4.0 * model.batch_rows(rows) * cfg.vocab_size / model.t_vocab,
              "4 x [rows/device, V] float32 (logits, log-softmax, probabilities, filtered)", fewer),
-        weights(decode),
+        *_as_list(weights(decode)),
     ]
     return items
+
+
+def _as_list(x):
+    return x if isinstance(x, list) else [x]
 
 
 def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
@@ -264,10 +307,14 @@ def memory_plan(config, cfg: Qwen2Config, mesh: MeshPlan) -> list[Item]:
         items.append(Item("state", "KL reference parameters", params, "a second copy of the policy",
                           "loss.kl_beta=0 (no reference policy)"))
     reshard = config.mesh.sampler_reshard
+    continuous = s.engine == "continuous"
     items += _sampler_items(model, "sampling", s.per_pass, s.samples, s.prompt_len, s.new_tokens,
-                            reshard, "rollout.sample_batch_size")
+                            reshard, "rollout.sample_batch_size",
+                            s.decode_rows(mesh.batch_shards) if continuous else None)
+    eval_rows = e.batch_size * max(1, e.num_samples)
     items += _sampler_items(model, "evaluation", e.batch_size, max(1, e.num_samples), s.prompt_len,
-                            e.max_new_tokens, reshard, "eval.batch_size")
+                            e.max_new_tokens, reshard, "eval.batch_size",
+                            min(eval_rows, s.slots * mesh.batch_shards) if continuous and s.slots else None)
     b = model.batch_rows(s.micro_rows)
     smaller_micro = ("" if remat == "full" else "model.remat=full, ") + (
         "a smaller train.micro_batch_size (down to one row per device), or a shorter context "
@@ -320,8 +367,8 @@ class Costs:
     train_model_flops: float   # 6 N per token + attention: the MFU basis
     train_flops: float         # executed, with rematerialisation
     recompute_flops: float     # old log-probs / KL reference forwards
-    decode_steps: int          # sampler passes x max_new_tokens
-    decode_step_bytes: float   # per device, one step of one pass
+    decode_steps: int          # static: sampler passes x max_new_tokens; continuous: Shapes.decode_steps
+    decode_step_bytes: float   # per device, one decode step
     decode_step_ici_bytes: float  # per device, fsdp weight all-gathers
 
 
@@ -368,27 +415,36 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
     forwards = int(config.rollout.old_logprobs == "recompute") + int(loss_config(config.loss).kl_beta > 0)
     reshard = config.mesh.sampler_reshard
     # A decode step reads every weight once: the resharded compute-dtype copy, or each device's
-    # master shard (cast on the fly) plus, with fsdp > 1, the layers it all-gathers.
+    # shard of the compute-dtype copy (cast once per rollout) plus, with fsdp > 1, the layers it
+    # all-gathers.
     fsdp = mesh.sizes["fsdp"]
     gathered = model.c * model.params(SAMPLER_RULES)
-    weights_read = gathered if reshard else model.p * model.params() + (gathered if fsdp > 1 else 0)
+    weights_read = gathered if reshard else model.c * model.params() + (gathered if fsdp > 1 else 0)
     ici = 0.0 if reshard else gathered * (fsdp - 1) / fsdp
     # Each sampler pass decodes N steps over its own rows: every step reads all the weights, so
     # the weight traffic is paid once per step of every pass; the cache and logits are the pass's.
-    decode_logits = 3 * 4.0 * model.batch_rows(s.pass_rows) * cfg.vocab_size / model.t_vocab
+    shards = mesh.batch_shards
+    decode_rows = s.decode_rows(shards)
+    decode_logits = 3 * 4.0 * model.batch_rows(decode_rows) * cfg.vocab_size / model.t_vocab
+    # A decode step reads the cache's live prefix (attention.live_prefix_attention): static rows
+    # advance together, so on average the prompt and half the response (plus the prefix rounding
+    # up to a quarter of the cache, 1/8 on average); a continuous pool almost always holds a
+    # long row, so the whole cache.
+    live = (s.seq if s.engine == "continuous" else
+            min(s.seq, s.prompt_len + s.new_tokens / 2 + s.seq / 8))
     return Costs(
         prompt_tokens=s.prompts * s.prompt_len,
         sampled_tokens=s.rows * s.new_tokens,
         trained_tokens=passes * trained,
         # the prompts attend among themselves; the LM head runs on the last prompt position only
         prefill_flops=forward_flops(cfg, s.prompts, s.prompt_len, s.prompt_len, 1),
-        decode_flops=s.new_tokens * forward_flops(cfg, s.rows, 1, s.seq, 1),
+        decode_flops=s.decode_steps(shards) * forward_flops(cfg, decode_rows, 1, live, 1),
         train_model_flops=passes * 3 * fwd,
         # the head's chunks are always rematerialised
         train_flops=passes * (3 * (fwd - skipped) + recompute + head_fwd),
         recompute_flops=forwards * fwd,
-        decode_steps=s.passes * s.new_tokens,
-        decode_step_bytes=weights_read + model.kv_cache(s.pass_rows, s.seq) + decode_logits,
+        decode_steps=s.decode_steps(shards),
+        decode_step_bytes=weights_read + model.kv_cache(decode_rows, live) + decode_logits,
         decode_step_ici_bytes=ici,
     )
 

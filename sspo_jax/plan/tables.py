@@ -206,7 +206,9 @@ def report(p, show_items: bool = True) -> str:
         f"{mesh.ici}, slices {mesh.dcn}); the batch splits {mesh.batch_shards} ways",
         f"- step: {s.prompts} prompts x {s.samples} samples = {s.rows} rows of {s.prompt_len} prompt + "
         f"{s.new_tokens} new tokens, sampled in "
-        + (f"{s.passes} passes of {s.per_pass} prompts" if s.passes > 1 else "one pass")
+        + (f"a continuous pool of {s.decode_rows(mesh.batch_shards)} slots (rows queue; an assumed mean "
+           f"response of {PACKED_RESPONSE_FRACTION:.0%} of max_new_tokens)" if s.engine == "continuous"
+           else f"{s.passes} passes of {s.per_pass} prompts" if s.passes > 1 else "one pass")
         + f"; micro-batch {s.micro_rows} rows; "
         f"{config.train.ppo_mini_batches} mini-batches x {config.train.ppo_epochs} epoch(s)",
         "",
@@ -237,7 +239,9 @@ def report(p, show_items: bool = True) -> str:
         "| part | FLOPs | time on this slice | basis |",
         "| --- | ---: | ---: | --- |",
         f"| sampling: prefill | {_flops(costs.prefill_flops)} | {_seconds(times.prefill)} | MFU {TRAIN_MFU[0]:.0%}-{TRAIN_MFU[1]:.0%} |",
-        f"| sampling: decode, {(f'{s.passes} x ' if s.passes > 1 else '')}{s.new_tokens} steps | "
+        (f"| sampling: decode, continuous, {costs.decode_steps} steps of {s.decode_rows(mesh.batch_shards)} slots | "
+         if s.engine == "continuous" else
+         f"| sampling: decode, {(f'{s.passes} x ' if s.passes > 1 else '')}{s.new_tokens} steps | ") +
         f"{_flops(costs.decode_flops)} | {_seconds(times.decode)} | "
         f"roofline {times.decode_roofline:.3g} s at {DECODE_EFFICIENCY[0]:.0%}-{DECODE_EFFICIENCY[1]:.0%}: "
         f"{costs.decode_step_bytes / 1e9:.3g} GB HBM"

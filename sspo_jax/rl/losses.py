@@ -153,7 +153,12 @@ def _surrogate_log_ratio(cfg: LossConfig, logp, old_logp, mask, seg, resp):
     d = jax.lax.stop_gradient(_masked_log_ratio(cfg, logp, old_logp, mask))
     ids = _unit_ids(cfg.level, seg, resp)
     log_s, _ = _segment_mean(d, mask, ids)
-    return logp - jax.lax.stop_gradient(logp) + log_s[ids], d
+    # A token beyond the clamp keeps its clamped value in S_k but carries no gradient (as verl
+    # and tunix): an unclipped one would get e^c |A| (e^20 at the default) and swamp the
+    # clipped global norm of the whole update (../shared/docs/sspo-spec.md, "Ratios").
+    inside = jnp.abs(jax.lax.stop_gradient(logp - old_logp)) <= cfg.log_ratio_clamp
+    grad_path = jnp.where(inside, logp - jax.lax.stop_gradient(logp), 0.0)
+    return grad_path + log_s[ids], d
 
 
 def clip_bounds(cfg: LossConfig, mask, seg, entropy):

@@ -133,10 +133,13 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     rows_out = []
 
     def sampler_model():
-        """The policy as the sampler sees it: the training params, or (mesh.sampler_reshard) a
-        copy gathered over fsdp, in the compute dtype, for decoding."""
+        """The policy as the sampler sees it, in the compute dtype (cast once per rollout, not
+        at every decode step): the training params' layout, or (mesh.sampler_reshard) a copy
+        gathered over fsdp."""
         if not spec.mesh.sampler_reshard:
-            return nnx.merge(graphdef, params)
+            if jax.numpy.dtype(model.param_dtype) == jax.numpy.dtype(model.dtype):
+                return nnx.merge(graphdef, params)
+            return nnx.merge(graphdef, parallel.compute_copy(params, nnx.state(model), model.dtype))
         return nnx.merge(graphdef, parallel.sampler_params(params, nnx.state(model), mesh,
                                                            model.dtype))
 
