@@ -376,9 +376,16 @@ def test_report_flags_what_does_not_fit_or_split():
     fits = report("qwen2_5_math_1_5b.py", "v5p-8")
     assert "**FITS**" in fits and "Qwen/Qwen2.5-Math-1.5B" in fits
     small = report("qwen2_5_math_1_5b.py", "v5e-8")
-    assert "**DOES NOT FIT**" in small and "KV cache" in small and "rollout.sample_batch_size" in small
+    # The continuous engine (the config's): fewer slots is the fix, and fits.
+    assert "**DOES NOT FIT**" in small and "KV cache" in small and "a smaller rollout.slots" in small
     assert "**FITS**" in report("qwen2_5_math_1_5b.py", "v5e-8", rollout__prompts_per_step=32)
-    passes = report("qwen2_5_math_1_5b.py", "v5e-8", rollout__sample_batch_size=32)
+    slots = report("qwen2_5_math_1_5b.py", "v5e-8", rollout__slots=64)
+    assert "**FITS**" in slots and "a continuous pool of 512 slots" in slots
+    assert "| sampling: decode, continuous, " in slots and "steps of 512 slots |" in slots
+    # The static engine: passes.
+    static = dict(rollout__engine="static", rollout__slots=0)
+    assert "rollout.sample_batch_size" in report("qwen2_5_math_1_5b.py", "v5e-8", **static)
+    passes = report("qwen2_5_math_1_5b.py", "v5e-8", rollout__sample_batch_size=32, **static)
     assert "**FITS**" in passes and "sampled in 4 passes of 32 prompts" in passes
     assert "| sampling: decode, 4 x 3000 steps |" in passes
     wide = report("qwen2_5_math_1_5b.py", "v5p-64")

@@ -68,3 +68,17 @@ def test_which_changes_are_safe_depends_on_where_the_evaluation_rows_come_from(t
     changed = tiny_config(**{"eval.num_prompts": 4, "steps": 9})
     assert run_record.check_resume(str(tmp_path), changed, allow_changes=True) == {
         "eval.num_prompts": (8, 4), "steps": (4, 9)}
+
+
+def test_a_field_added_after_the_run_started_is_no_change_at_its_default(tmp_path):
+    """A record written before a config field existed (here rollout.engine and rollout.slots)
+    resumes with the field at its default (the behaviour the run had) and not at another value."""
+    import json
+    config = tiny_config(**RUN)
+    record = json.loads(config.to_json_best_effort())
+    del record["rollout"]["engine"], record["rollout"]["slots"]
+    (tmp_path / run_record.CONFIG_FILE).write_text(json.dumps(record))
+    assert run_record.config_changes(str(tmp_path), config) == {}
+    changed = tiny_config(**{**RUN, "rollout.engine": "continuous", "rollout.slots": 4})
+    assert run_record.config_changes(str(tmp_path), changed) == {
+        "rollout.engine": (None, "continuous"), "rollout.slots": (None, 4)}

@@ -28,7 +28,7 @@ from sspo_jax.model.qwen2 import layer_param_specs
 from sspo_jax.plan.mesh import (SAMPLER_RULES, MeshPlan, matmul_params, param_arrays, param_count,
                                 per_device, resolve_mesh, shard_divisor)
 from sspo_jax.plan.tables import (DECODE_EFFICIENCY, DTYPE_BYTES, FEWER_ROWS, FIT_FRACTION,
-                                  PACKED_RESPONSE_FRACTION, SHARD_MORE, TRAIN_MFU, Chip, Slice,
+                                  PACKED_RESPONSE_FRACTION, SHARD_MORE, FEWER_SLOTS, TRAIN_MFU, Chip, Slice,
                                   model_config, problems, report)
 
 # ---------------------------------------------------------------- shapes of one RL step
@@ -227,11 +227,9 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
     row's prompt from it."""
     cfg, c = model.cfg, model.c
     slots, rows = prompt_len + new_tokens, decode_rows or prompts * samples
-    if decode_rows:
-        what = "rollout.slots"
     b_p = model.batch_rows(prompts)
     prefill, decode = f"{phase}: prefill", f"{phase}: decode"
-    fewer = FEWER_ROWS.format(what=what)
+    fewer = FEWER_SLOTS if decode_rows else FEWER_ROWS.format(what=what)
     prompt_cache = model.kv_cache(prompts, prompt_len if decode_rows else slots)
 
     def weights(phase):
@@ -265,6 +263,8 @@ def _sampler_items(model: Model, phase: str, prompts: int, samples: int, prompt_
         Item(prefill, "prefill layer working set", model.layer_forward(b_p, prompt_len, prompt_len),
              "one layer over the prompts, attending among themselves"
              + (f" ({model.attention_impl}: no scores in HBM)" if model.fused else "; float32 scores + probabilities"),
+             ("a shorter data.max_prompt_len or fewer rollout.prompts_per_step (the continuous "
+              "engine prefills all of a step's prompts at once)") if decode_rows else
              f"fewer prompts per sampler call (a smaller {what}) or a shorter data.max_prompt_len"),
         Item(decode, "KV cache", model.kv_cache(rows, slots),
              f"2 x L x {rows} rows x {slots} slots x kv_heads x head_dim x {c} B / shards", fewer),

@@ -138,6 +138,8 @@ SHARD_MORE = ("shard it over more devices: mesh.fsdp=-1 (the whole slice), a lar
               "more slices along fsdp (mesh.dcn_fsdp)")
 FEWER_ROWS = ("sample in several passes of fewer prompts (a smaller {what}), shorten "
               "max_new_tokens, or put more devices on the batch axes (mesh.data x mesh.fsdp)")
+FEWER_SLOTS = ("decode in fewer slots (a smaller rollout.slots: the rows queue for them), shorten "
+               "max_new_tokens, or put more devices on the batch axes (mesh.data x mesh.fsdp)")
 
 
 def problems(s, mesh, items, totals: dict[str, float], hbm: float) -> list[str]:

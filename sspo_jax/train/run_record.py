@@ -42,7 +42,12 @@ def config_changes(workdir: str, config) -> dict[str, tuple]:
     with open(path) as f:
         old = _flat(json.load(f))
     new = _flat(json.loads(config.to_json_best_effort()))
-    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    # A field the record lacks was added to the code after the run started; at its default it
+    # keeps the behaviour the run had (new fields are added that way), so it is no change.
+    from sspo_jax.run_config import base_config
+    defaults = _flat(json.loads(base_config().to_json_best_effort()))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])}
 
 
 def check_resume(workdir: str, config, allow_changes: bool) -> dict[str, tuple]:
