@@ -1,7 +1,7 @@
 """The accelerator benchmarks (run by benchmarks/device_check.sh on a GPU), each against a peer
 timed in the same run, printed as markdown tables (and written as JSON with --json).
 
-    python benchmarks/accelerator.py [--parts attention,update,decode] [--tiny] [--json FILE]
+    python benchmarks/accelerator.py [--parts attention,update,decode,engine] [--tiny] [--json FILE]
 
 - attention: forward + backward of causal GQA attention with segment ids (two packed sequences
   per row), bfloat16: `cudnn` and `xla` (the model's implementations) and PyTorch's
@@ -221,6 +221,58 @@ def decode_rows(args) -> list[dict]:
     return rows
 
 
+def engine_rows(args) -> list[dict]:
+    """The rollout engines on RL-like lengths (benchmarks/sampling.py's skewed workload: lognormal
+    lengths, median N/6, the two longest at the budget, forced by the model's decoder): static
+    against continuous at two slot counts, bf16, greedy, one device."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sampling import ForcedLengthQwen2, skewed_lengths
+    from sspo_jax import model as M
+    from sspo_jax.generate import sampler
+    raw = TINY if args.tiny else QWEN_1_5B
+    rows_n, new = (8, 32) if args.tiny else (args.engine_rows, 512)
+    with tempfile.TemporaryDirectory() as d:
+        _save_random_hf(raw, d)
+        loaded = M.from_pretrained(d, dtype=jnp.bfloat16)
+    model = ForcedLengthQwen2(loaded.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    nnx.update(model, nnx.state(loaded))
+    prompt_lens = 16 + np.random.default_rng(1).permutation(rows_n)
+    lengths = skewed_lengths(rows_n, new)
+    targets = np.full(prompt_lens.max() + 1, new + 1)
+    targets[prompt_lens] = np.where(lengths >= new, new + 1, lengths)
+    eos = model.config.vocab_size - 1
+    model.set_targets(targets, eos, new)
+    width = int(prompt_lens.max())
+    ids = np.random.default_rng(0).integers(1, eos, (rows_n, width)).astype(np.int32)
+    mask = (np.arange(width)[None] >= width - prompt_lens[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, 0)
+    out_rows, static_s = [], None
+    for name, kw in (("static", {}), *((f"continuous, {k} slots", dict(engine="continuous", slots=k))
+                                       for k in (rows_n // 4, rows_n // 2))):
+        def call(kw=kw):
+            out = sampler.generate(model, ids, mask, jax.random.key(0), max_new_tokens=new, temperature=0.0,
+                                   eos_ids=(eos,), pad_id=0, **kw)
+            jax.block_until_ready(out.tokens)
+            return out
+
+        t0 = time.perf_counter()
+        out = call()
+        first = time.perf_counter() - t0
+        best = timed(call, args.reps)
+        static_s = static_s or best
+        tokens = int(np.asarray(out.lengths).sum())
+        out_rows.append({"engine": name, "rows x budget": f"{rows_n} x {new}", "first call s": first,
+                         "s": best, "real tok/s": tokens / best, "decode steps": int(out.decode_steps),
+                         "occupancy": tokens / int(out.slot_steps), "vs static": static_s / best})
+    print(table(out_rows), flush=True)
+    return out_rows
+
+
 def _params_of(model):
     from flax import nnx
     return nnx.state(model, nnx.Param)
@@ -267,6 +319,7 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--remat", default="full")
     ap.add_argument("--decode-rows", type=int, default=64)
+    ap.add_argument("--engine-rows", type=int, default=128)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--peak-gbs", type=float, default=4800.0)
     ap.add_argument("--json", default="")
@@ -277,7 +330,8 @@ def main():
     results = {}
     for part in args.parts.split(","):
         print(f"\n## {part}\n", flush=True)
-        results[part] = {"attention": attention_rows, "update": update_rows, "decode": decode_rows}[part](args)
+        results[part] = {"attention": attention_rows, "update": update_rows, "decode": decode_rows,
+                         "engine": engine_rows}[part](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -20,14 +20,14 @@ $py -c "import jax, flax, optax, transformers; print('jax', jax.__version__, 'fl
 
 # 1. The accelerator tests: cudnn against xla (forward, gradient), the model against transformers
 #    (float32 on xla at full matmul precision; bfloat16 on cudnn, the auto choice on GPU).
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 100 $py -m pytest -q -x -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $py -m pytest -q -x -p no:cacheprovider \
     tests/test_attention.py tests/test_model_parity.py 2>&1 | tee "$out/tests.txt"
 rc=${PIPESTATUS[0]}
 echo "device_check: tests rc=$rc"
 
 # 2. The benchmarks, each against its peer in the same run; one process and time limit per part,
-#    so a slow part cannot take the others' time (80 + 170 + 110 s at most).
-for part in attention:80 update:170 decode:110; do
+#    so a slow part cannot take the others' time (70 + 140 + 90 + 80 s at most).
+for part in attention:70 update:140 decode:90 engine:80; do
     name=${part%%:*}
     timeout "${part##*:}" $py benchmarks/accelerator.py --parts "$name" --reps 3 $([ "$dry" = 1 ] && echo --tiny) \
         --json "$out/$name.json" 2>&1 | tee "$out/$name.md"
