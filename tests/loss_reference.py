@@ -171,6 +171,28 @@ def metrics(cfg, logp, old_logp, adv, mask, seg, lo, hi, entropy):
         kind, unit = key.split("/")
         den = {"token": n_tokens, "subsentence": n_subs, "response": n_resp}[unit]
         out[f"clip_frac_{kind}/{unit}"] = n / den if den else 0.0
+    # Outliers: a token's own clamped |d| above the threshold; retained when its unit's clip
+    # branch is not taken (nor the dual clip) and it is inside the clamp.
+    tau = cfg.outlier_log_ratio
+    n_out = n_kept = 0
+    w_kept = w_all = 0.0
+    for i in range(B):
+        for ts in _units(cfg.level, seg[i], mask[i]).values():
+            ds = [min(max(float(logp[i, t]) - float(old_logp[i, t]), -c), c) for t in ts]
+            w = math.exp(sum(ds) / len(ds))
+            for t, d in zip(ts, ds):
+                w_all += abs(adv[i])
+                if abs(d) <= tau:
+                    continue
+                n_out += 1
+                clipped = ((adv[i] < 0 and w < 1 - lo[i, t]) or (adv[i] > 0 and w > 1 + hi[i, t])
+                           or (cfg.dual_clip is not None and adv[i] < 0 and w > cfg.dual_clip))
+                if not clipped and abs(d) < c:
+                    n_kept += 1
+                    w_kept += abs(adv[i])
+    out["outliers/frac"] = n_out / n_tokens
+    out["outliers/retained_frac"] = n_kept / n_tokens
+    out["outliers/retained_adv_frac"] = w_kept / w_all if w_all else 0.0
     out.update(ratio_mean=sum(ratios) / len(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                approx_kl=sum(neg_d) / len(neg_d), entropy_mean=sum(ents) / len(ents),
                subsentences_per_response=n_subs / n_resp, tokens_per_subsentence=n_tokens / n_subs)

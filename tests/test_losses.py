@@ -124,6 +124,32 @@ def test_metrics_match_reference(name):
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     assert 0 < want["clip_frac_total/token"] < 1 and 0 < want["clip_frac_total/subsentence"]
+    # The batch has outlier tokens (|d| > 0.2); which are kept depends on the objective.
+    assert 0 <= want["outliers/retained_frac"] <= want["outliers/frac"] and 0 < want["outliers/frac"] < 1
+
+
+def test_gspo_keeps_the_outlier_tokens_grpo_clips():
+    """The paper's point, on one batch: a response whose tokens swing both ways (d = +-0.5) has
+    a sequence ratio near 1, so GSPO clips none of it and keeps every outlier; GRPO clips the
+    tokens beyond its range on the advantage's side; SSPO's subsentences sit between."""
+    B, T = 2, 12
+    mask = np.ones((B, T), bool)
+    logp = np.full((B, T), -1.0)
+    d = np.tile(np.array([0.5, -0.5] * (T // 2)), (B, 1))
+    old = logp - d
+    adv = np.array([1.0, -1.0])
+    tokens = np.zeros((B, T), int)
+    tokens[:, 3::4] = 1  # a delimiter every 4 tokens: 3 subsentences per response
+    kept = {}
+    for name in ("grpo", "gspo", "sspo_fixed"):
+        cfg = losses.preset(name)
+        seg = segments.segment_ids(tokens, mask, ref.ENDS)
+        _, metrics = losses.policy_loss(cfg, logp, old, adv, mask, seg, cfg.eps_low, cfg.eps_high)
+        got = losses.finalize_metrics(metrics)
+        assert got["outliers/frac"] == 1.0
+        kept[name] = got["outliers/retained_frac"]
+    assert kept["gspo"] == 1.0 and kept["grpo"] == 0.5, kept
+    assert kept["grpo"] <= kept["sspo_fixed"] <= kept["gspo"], kept
 
 
 def _loss_grad(cfg, b, seg, lo=None, hi=None):

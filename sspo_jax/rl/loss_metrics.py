@@ -71,6 +71,27 @@ def policy_metrics(*, w, d, mask, seg, resp, lo, hi, clip_low, clip_high, dual_h
     return out
 
 
+def outlier_metrics(*, d, adv, mask, kept, threshold: float, clamp: float):
+    """The paper's GSPO failure mode, for every objective: tokens whose own |d| exceeds
+    `threshold` (outliers) that the update keeps (their unit was not clipped and they are within
+    the clamp, so they carry a gradient). All `[B, T]`; d the clamped masked log-ratio.
+
+    outliers/frac: outliers per token; outliers/retained_frac: kept outliers per token;
+    outliers/retained_adv_frac: the kept outliers' share of sum |A| over the tokens (how much of
+    the update's weight they carry)."""
+    f = jnp.float32 if d.dtype != jnp.float64 else jnp.float64
+    d, adv = jax.lax.stop_gradient(d), jax.lax.stop_gradient(adv)
+    m = mask.astype(f)
+    outlier = mask & (jnp.abs(d) > threshold)
+    retained = outlier & kept & (jnp.abs(d) < clamp)
+    weight = jnp.abs(adv).astype(f) * m
+    out = {}
+    _ratio(out, "outliers/frac", jnp.sum(outlier).astype(f), jnp.sum(m))
+    _ratio(out, "outliers/retained_frac", jnp.sum(retained).astype(f), jnp.sum(m))
+    _ratio(out, "outliers/retained_adv_frac", jnp.sum(jnp.where(retained, weight, 0.0)), jnp.sum(weight))
+    return out
+
+
 def combine_metrics(parts):
     """Merge metric dicts of micro-batches (or devices) into the dict of their union."""
     parts = list(parts)

@@ -37,6 +37,10 @@ class LossConfig:
     advantage: str = "grpo"               # estimator (rl/advantages.py): grpo | dr_grpo | rloo
     adv_eps: float = 1e-6                 # grpo: A = (R - mean) / (std + adv_eps)
     log_ratio_clamp: float = 20.0         # d = clamp(logp - old_logp, -c, c)
+    # Metric only: a token is an outlier when its own |d| exceeds this (0.2: a token ratio
+    # beyond about [0.82, 1.22], GRPO's clip range); `outliers/retained_*` count those an update
+    # keeps (their unit unclipped), GSPO's failure mode in the paper.
+    outlier_log_ratio: float = 0.2
     # Subsentence splitting (used by the trainer with `segments`):
     delimiters: tuple[str, ...] = DEFAULT_DELIMITERS
     decimal_guard: bool = True
@@ -69,6 +73,8 @@ class LossConfig:
         need(self.token_sum_norm is None or self.token_sum_norm > 0,
              f"token_sum_norm must be None or > 0, got {self.token_sum_norm}")
         need(self.adv_eps > 0 and self.log_ratio_clamp > 0, "adv_eps and log_ratio_clamp must be > 0")
+        need(0 < self.outlier_log_ratio < self.log_ratio_clamp,
+             f"outlier_log_ratio must be in (0, log_ratio_clamp), got {self.outlier_log_ratio}")
         need(self.min_subsentence_tokens >= 1,
              f"min_subsentence_tokens must be >= 1, got {self.min_subsentence_tokens}")
         need(isinstance(self.delimiters, tuple) and len(self.delimiters) > 0,
@@ -287,4 +293,7 @@ def policy_loss(cfg: LossConfig, logp, old_logp, adv, mask, seg, lo, hi, num_tok
         w=w, d=d, mask=mask, seg=seg, resp=resp, lo=lo, hi=hi, clip_low=clip_low, clip_high=clip_high,
         dual_hit=dual_hit if cfg.dual_clip is not None else None, entropy=entropy, kl=kl,
         pg_loss=pg_loss, loss=loss)
+    metrics.update(loss_metrics.outlier_metrics(
+        d=d, adv=jnp.broadcast_to(a, w.shape), mask=mask, kept=~(clip_low | clip_high | dual_hit),
+        threshold=cfg.outlier_log_ratio, clamp=cfg.log_ratio_clamp))
     return loss, metrics

@@ -30,6 +30,8 @@ def summarize(rows: list[dict]) -> dict:
         "clip_frac_subsentence": mean("clip_frac_total/subsentence"),
         "clip_frac_response": mean("clip_frac_total/response"),
         "entropy_mean": mean("entropy_mean"),
+        "outliers_retained": mean("outliers/retained_frac"),
+        "outliers_retained_adv": mean("outliers/retained_adv_frac"),
         "skipped_steps": steps[-1].get("bad_steps_total", 0) if steps else 0,
         "train_time_s": sum(r.get("time/step_s", 0.0) for r in steps),
     }
