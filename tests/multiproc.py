@@ -66,7 +66,7 @@ def assert_same_metrics(rows_a, rows_b, steps, rel: float, abs_: float) -> None:
             if key.startswith(EXACT) or not isinstance(value, float):
                 assert b[key] == value, (a["step"], key)
             else:
-                assert b[key] == pytest.approx(value, rel=rel, abs=abs_), (a["step"], key)
+                assert b[key] == pytest.approx(value, rel=rel, abs=abs_), (a["step"], key, value, b[key])
 
 
 def config_with(overrides: dict, config=None):

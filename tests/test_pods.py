@@ -39,6 +39,12 @@ POD_RUN = {
     "eval.num_prompts": 16, "eval.batch_size": 8, "eval.max_new_tokens": 16,
     "checkpoint.every": 1, "data.synthetic_train_size": 200, "compile_cache.min_compile_secs": 0,
     "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2,
+    # Adam divides each gradient entry by its own magnitude (+ eps): on a step with no signal
+    # (every reward 0, the policy near the KL reference) the gradient is float noise of ~1e-10
+    # per entry (reference and policy log-probs from two programs), which eps = 1e-8 turns into
+    # parameter moves of ~lr, different in the two layouts, and the runs apart. eps = 1e-4 keeps
+    # such noise below 1e-6 lr; this run's real gradients (~1e-3 per entry) are not affected.
+    "optimizer.eps": 1e-4,
 }
 # float32 with a KL term, so a resumed run also restores its reference policy (step 0's
 # parameters alone); bf16 compute with the sampler's bf16 copy; the packed update.
@@ -113,7 +119,11 @@ def test_hf_checkpoint_on_an_fsdp_mesh_across_two_processes(hf_dir, tmp_path, va
     assert [r["step"] for r in rows_one] == [0, 1, 2, 3]
     # Steps 0 and 1 ran before the kill, 2 and 3 after the resume.
     if variant == "float32_kl":
-        mp.assert_same_metrics(rows_one, rows_pod, steps={0, 1, 2, 3}, rel=1e-4, abs_=2e-6)
+        # A step whose groups all have equal rewards has no signal: its gradient statistics are
+        # float noise (grad_norm ~1e-6 either way), compared like bf16's; the rest tightly.
+        noise = {r["step"] for r in rows_one if r.get("groups/zero_variance_frac") == 1.0}
+        mp.assert_same_metrics(rows_one, rows_pod, steps={0, 1, 2, 3} - noise, rel=1e-4, abs_=2e-6)
+        mp.assert_same_metrics(rows_one, rows_pod, steps=noise, rel=1e-2, abs_=1e-4)
     else:
         # bfloat16 compute: sums reordered by the collectives round at bf16's 8 bits, so float
         # statistics agree to 1e-2 relative. Steps 0 and 1 agree in every discrete outcome too;
