@@ -15,3 +15,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. The whole suite in one process
+    compiles thousands of XLA CPU executables; kept alive, their memory mappings reached the
+    kernel's limit (vm.max_map_count, 65530 here) and XLA segfaulted while compiling late in
+    the run (test_update_speed_paths), though every module passes on its own."""
+    yield
+    import jax
+    jax.clear_caches()
+    gc.collect()
