@@ -280,3 +280,76 @@ def test_non_integer_golds_keep_the_relative_tolerance():
 ])
 def test_a_later_explicit_final_answer_beats_an_intermediate_box(text, want):
     assert extract_answer(text) == want
+
+
+# Issue 18, items 2, 3, 5, 6: several boxes, golds with boxes, the unboxed fallback, letters.
+@pytest.mark.parametrize("text,gold,answer,rule", [
+    (r"The roots are $\boxed{1}$, $\boxed{2}$ and $\boxed{3}$.", "1, 2, 3", "1, 2, 3", "boxes"),
+    (r"The roots are $\boxed{1}$, $\boxed{2}$ and $\boxed{3}$.", r"\{1,2,3\}", r"\{1, 2, 3\}", "boxes"),
+    (r"So $\boxed{2}$ and $\boxed{-3}$.", "(2, -3)", "(2, -3)", "boxes"),
+    # An intermediate box on an earlier line does not join; a one-value gold takes the last box.
+    ("First \\boxed{4}.\nThe roots are \\boxed{1} and \\boxed{2}.", "1, 2", "1, 2", "boxes"),
+    (r"First \boxed{4}, then the final one \boxed{5}.", "5", "5", "box"),
+    (r"So \boxed{1, 2}.", "1, 2", "1, 2", "box"),            # already a list: the box as is
+    (r"We have \boxed{1}. Done.", "1, 2", "1", "box"),       # one box: nothing to combine
+    # Multiple choice (no box).
+    ("Checking each option, the answer is (B).", "B", "B", "letter"),
+    ("**Answer: C**", "(C)", "C", "letter"),
+    ("So the correct option is E.", r"\text{(E)}", "E", "letter"),
+    ("Only one fits.\nA. Because B is not valid", "A", "A", "letter"),
+    ("the answer is a prime number", "B", None, None),   # no letter: no choice made
+    # No box: the later of the last math span and the last bare number; spans taken whole.
+    (r"So $x \geq 5$.", r"x \geq 5", r"x \geq 5", "math_span"),
+    (r"The matrix is $\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}$.", "M",
+     r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "math_span"),
+    (r"Answer \( (9+1) \)", "10", "(9+1)", "math_span"),
+    (r"Let $x$ be the count; we get 3 apples and 4 pears, so 7 in total", "7", "7", "number"),
+    (r"It costs \$5 each, so $3 \cdot 5 = 15$", "15", r"3 \cdot 5 = 15", "math_span"),
+])
+def test_extraction_rules_that_see_the_gold(text, gold, answer, rule):
+    from sspo_jax.rewards import extract
+    assert extract(text, gold) == rewards_extraction(answer, rule)
+
+
+def rewards_extraction(answer, rule):
+    from sspo_jax.rewards import Extraction
+    return Extraction(answer, rule)
+
+
+def test_no_answer_in_a_code_word():
+    from sspo_jax.rewards import extract
+    assert extract("The code is AZYUK2A", "2").answer is None
+    assert extract_answer("H2O and CO2") is None
+
+
+@pytest.mark.parametrize("gold,want", [
+    (r"\boxed{1}, \boxed{2}", "1, 2"), (r"$\boxed{2}$ and $\boxed{-3}$", "2, -3"),
+    (r"so \boxed{7}", "7"), ("7", "7"),
+])
+def test_golds_with_several_boxes_are_combined(gold, want):
+    assert gold_answer(gold) == want
+
+
+@pytest.mark.parametrize("pred,gold,equal", [
+    ("1,000", "1000", True), ("12,345,678", "12345678", True), (r"10{,}000", "10000", True),
+    ("1000,99", "1000.99", False), ("0,111", "0.111", False), ("0,111", "111", False),
+    ("3,14", "3.14", False), ("1,5", "1.5", False), ("1,5", "1, 5", True),
+])
+def test_commas_are_never_decimal_points(pred, gold, equal):
+    assert answers_equivalent(pred, gold) == equal
+
+
+def test_grade_result_names_the_rule_and_the_match():
+    from sspo_jax.rewards import grade_response, rule_counts
+    results = [grade_response(r"so \boxed{10{,}000}", "10000"),          # box, exact key
+               grade_response(r"$\boxed{1}$, $\boxed{2}$", "1, 3"),       # boxes, wrong
+               grade_response(r"so \boxed{\frac{2}{4}}", "0.5"),          # numeric
+               grade_response("the answer is (B)", "B"),                  # letter, exact
+               grade_response("nothing here", "3")]                       # no answer
+    assert [(r.reason, r.rule, r.match) for r in results] == [
+        ("correct", "box", "exact"), ("wrong", "boxes", None), ("correct", "box", "numeric"),
+        ("correct", "letter", "exact"), ("no_answer", None, None)]
+    counts = rule_counts(results)
+    assert counts["rule/box"] == 2 and counts["rule/boxes"] == 1 and counts["rule/letter"] == 1
+    assert counts["match/exact"] == 2 and counts["match/numeric"] == 1
+    assert counts["match/math_verify"] == 0 and counts["rule/math_span"] == 0

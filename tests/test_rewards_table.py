@@ -8,12 +8,17 @@ import pathlib
 
 import pytest
 
-from sspo_jax.rewards import Grader, extract_answer, grade_response
+from sspo_jax.rewards import Grader, extract, gold_answer, grade_response
 
 TABLE = pathlib.Path(__file__).parent / "data" / "grading_table.jsonl"
 CATEGORIES = {"fraction", "decimal", "percent", "units", "degrees", "interval", "set", "tuple", "matrix",
               "expression", "equation", "nesting", "multiple", "no_box", "truncated", "close_wrong",
-              "words", "thousands"}
+              "words", "thousands",
+              # Issue 18: written for the tolerance, several-box, fallback and letter rules.
+              "integer_gold", "several_boxes", "gold_boxes", "final_phrase", "math_span",
+              "choice_letter", "decimal_comma"}
+ISSUE_18 = {"integer_gold", "several_boxes", "gold_boxes", "final_phrase", "math_span",
+            "choice_letter", "decimal_comma"}
 
 
 def _rows():
@@ -29,8 +34,9 @@ def grader():
 
 def test_table_covers_the_required_cases():
     rows = _rows()
-    assert len(rows) >= 150
+    assert len(rows) >= 350
     assert {r["category"] for r in rows} == CATEGORIES
+    assert sum(r["category"] in ISSUE_18 for r in rows) >= 150
     verdicts = [r["verdict"] for r in rows]
     assert set(verdicts) == {"correct", "wrong", "no_answer"}
     assert verdicts.count("wrong") >= 40  # enough negatives that "always correct" fails
@@ -53,10 +59,14 @@ def test_every_row_gets_its_verdict_through_the_pool(grader):
 
 
 def test_extraction_alone_on_the_subset():
+    """The answer read for the row's gold (several boxes combine only for a several-element
+    gold, a letter is looked for only for a letter gold)."""
+    def read(row):
+        return extract(row["response"], gold_answer(row["gold"])).answer
     failures = [
-        f"row {n}: {row['response']!r} -> {extract_answer(row['response'])!r}, expected {row['extracted']!r}"
+        f"row {n}: {row['response']!r} -> {read(row)!r}, expected {row['extracted']!r}"
         for n, row in enumerate(_rows(), start=1)
-        if "extracted" in row and extract_answer(row["response"]) != row["extracted"]
+        if "extracted" in row and read(row) != row["extracted"]
     ]
     assert not failures, "\n".join(failures)
 

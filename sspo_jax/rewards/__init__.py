@@ -6,6 +6,7 @@ Imports no JAX (architecture rule); sympy/math-verify are imported only where gr
     rewards.reward(r"... \\boxed{\\frac12}", "0.5")          # 1.0
     results = rewards.grade(responses, golds, timeout=5.0)   # [GradeResult(score, reason, extracted)]
     rewards.reason_counts(results)                           # {"correct": 3, "wrong": 1, ...}
+    rewards.rule_counts(results)                             # {"rule/box": 3, "match/exact": 2, ...}
 """
 from __future__ import annotations
 
@@ -13,24 +14,28 @@ import atexit
 import threading
 
 from sspo_jax.rewards.equivalence import (
+    MATCHES,
     MAX_ANSWER_CHARS,
     NUMERIC_REL_TOL,
     REASONS,
     GradeResult,
     answers_equivalent,
+    gold_answer,
     grade_response,
     reason_counts,
+    rule_counts,
 )
-from sspo_jax.rewards.extract import extract_answer, last_boxed_content
+from sspo_jax.rewards.extract import RULES, Extraction, extract, extract_answer, last_boxed_content
 from sspo_jax.rewards.normalize import comparison_key, normalize_answer
 from sspo_jax.rewards.pool import Grader
 from sspo_jax.rewards.shaping import combine_rewards, format_reward, overlong_penalty, shaped_rewards
 
 __all__ = [
-    "MAX_ANSWER_CHARS", "NUMERIC_REL_TOL", "REASONS", "GradeResult", "Grader", "answers_equivalent",
-    "close_default_grader", "combine_rewards", "comparison_key", "default_grader", "extract_answer",
-    "format_reward", "grade", "grade_response", "last_boxed_content", "normalize_answer",
-    "overlong_penalty", "reason_counts", "reward", "shaped_rewards",
+    "MATCHES", "MAX_ANSWER_CHARS", "NUMERIC_REL_TOL", "REASONS", "RULES", "Extraction",
+    "GradeResult", "Grader", "answers_equivalent", "close_default_grader", "combine_rewards",
+    "comparison_key", "default_grader", "extract", "extract_answer", "format_reward", "gold_answer",
+    "grade", "grade_response", "last_boxed_content", "normalize_answer", "overlong_penalty",
+    "reason_counts", "reward", "rule_counts", "shaped_rewards",
 ]
 
 _default: Grader | None = None

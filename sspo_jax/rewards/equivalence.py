@@ -23,10 +23,12 @@ import logging
 import re
 from fractions import Fraction
 
-from sspo_jax.rewards.extract import extract_answer, last_boxed_content
+from sspo_jax.rewards.extract import extract, last_boxed_content, top_level_boxes
 from sspo_jax.rewards.normalize import comparison_key, normalize_answer
 
 REASONS = ("correct", "wrong", "no_answer", "timeout", "error")
+# Which test found the answers equal (GradeResult.match): the first that says so, in order.
+MATCHES = ("exact", "numeric", "math_verify")
 # Relative tolerance of the numeric test when the gold is not an integer (an integer gold is
 # matched exactly: stricter than Qwen2.5-Math's grader, whose 1e-4 accepts 9999.857 for 10000).
 NUMERIC_REL_TOL = Fraction(1, 10_000)
@@ -38,18 +40,23 @@ _MAX_DIGITS = 60
 _DEC = r"\d{1,%d}(?:\.\d{1,%d})?|\.\d{1,%d}" % (_MAX_DIGITS, _MAX_DIGITS, _MAX_DIGITS)
 # A plain number may carry a short exponent (`1e4`, `2.5E-3`): read exactly, like the rest.
 _PLAIN_NUMBER = re.compile(r"(?P<sign>[-+]?)(?P<num>(?:%s)(?P<exp>[eE][-+]?\d{1,2})?)" % _DEC)
+_NUMBER_LIST = re.compile(r"-?\d+(?:\.\d+)?(?:,-?\d+(?:\.\d+)?)+")
 _FRACTION = re.compile(r"(?P<sign>[-+]?)\\frac\{(?P<nsign>-?)(?P<num>%s)\}\{(?P<den>%s)\}" % (_DEC, _DEC))
 
 
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
     """Outcome of grading one response: `score` 1.0/0.0, `reason` in REASONS, the `extracted`
-    answer (None when there is none or grading did not finish), and for `error` a short `detail`."""
+    answer (None when there is none or grading did not finish), for `error` a short `detail`,
+    `rule`: how the answer was read (extract.RULES), `match`: which test found it equal
+    (MATCHES; None unless correct)."""
 
     score: float
     reason: str
     extracted: str | None
     detail: str | None = None
+    rule: str | None = None
+    match: str | None = None
 
 
 def parse_number(key: str) -> tuple[Fraction, bool] | None:
@@ -118,32 +125,47 @@ def math_verify_equal(pred: str, gold: str) -> bool:
 
 def answers_equivalent(pred: str, gold: str, use_math_verify: bool = True) -> bool:
     """Whether the extracted answer `pred` equals the gold answer `gold` (see module docstring)."""
+    return equal_by(pred, gold, use_math_verify) is not None
+
+
+def equal_by(pred: str, gold: str, use_math_verify: bool = True) -> str | None:
+    """The test (MATCHES) that finds `pred` equal to `gold`; None when none does."""
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return pred.strip() == gold.strip()
+        return "exact" if pred.strip() == gold.strip() else None
     pred_key, gold_key = comparison_key(pred), comparison_key(gold)
     if pred_key == gold_key and pred_key:
-        return True
+        return "exact"
     if numeric_equal(pred_key, gold_key):
-        return True
+        return "numeric"
+    if _NUMBER_LIST.fullmatch(pred_key) and parse_number(gold_key) or (
+            _NUMBER_LIST.fullmatch(gold_key) and parse_number(pred_key)):
+        # Numbers joined by commas that are not thousands groups (`0,111`, `1000,99`) are a
+        # list, never one number: math-verify would read some as a decimal comma.
+        return None
     if "%" not in pred + gold and parse_number(pred_key) and parse_number(gold_key):
         # Two plain numbers: the numeric test is final (math-verify is stricter on them: exact for
         # integers, 6 decimals otherwise), which spares sympy on every wrong numeric answer.
         # A `%` keeps math-verify in play, which reads `25\%` as 0.25.
-        return False
+        return None
     if not use_math_verify:
-        return False
+        return None
     if math_verify_equal(pred, gold):
-        return True
+        return "math_verify"
     # Retry on the normalised forms (units, `x =`, word numbers that math-verify keeps), only
     # when normalisation changed something, so a plain wrong answer costs one verify.
     pred_norm, gold_norm = normalize_answer(pred), normalize_answer(gold)
     if (pred_norm, gold_norm) == (pred.strip(), gold.strip()):
-        return False
-    return math_verify_equal(pred_norm, gold_norm)
+        return None
+    return "math_verify" if math_verify_equal(pred_norm, gold_norm) else None
 
 
 def gold_answer(gold: str) -> str:
-    """The gold answer text: the last `\\boxed{}` content when the gold has one, else the gold."""
+    """The gold answer text: its boxes' contents joined by ", " when it has several top-level
+    `\\boxed{}` ("$\\boxed{2}$ and $\\boxed{-3}$" -> "2, -3"), the box's content when one, else
+    the gold."""
+    boxes = top_level_boxes(gold)
+    if len(boxes) >= 2:
+        return ", ".join(content for _, _, content in boxes)
     boxed = last_boxed_content(gold)
     return (boxed if boxed is not None else gold).strip()
 
@@ -155,12 +177,27 @@ def clean_text(text: str) -> str:
 
 def grade_response(response: str, gold: str, use_math_verify: bool = True) -> GradeResult:
     """Grade one response against its gold: `correct`, `wrong` or `no_answer` (no timeout here)."""
-    extracted = extract_answer(clean_text(response))
-    if extracted is None:
+    gold = gold_answer(clean_text(gold))
+    found = extract(clean_text(response), gold)
+    if found.answer is None:
         return GradeResult(0.0, "no_answer", None)
-    if answers_equivalent(extracted, gold_answer(clean_text(gold)), use_math_verify):
-        return GradeResult(1.0, "correct", extracted)
-    return GradeResult(0.0, "wrong", extracted)
+    match = equal_by(found.answer, gold, use_math_verify)
+    if match is not None:
+        return GradeResult(1.0, "correct", found.answer, rule=found.rule, match=match)
+    return GradeResult(0.0, "wrong", found.answer, rule=found.rule)
+
+
+def rule_counts(results) -> dict[str, int]:
+    """How the answers were read (`rule/<code>`) and matched (`match/<test>`): every code, zeros
+    included, over a list of GradeResult."""
+    from sspo_jax.rewards.extract import RULES
+    counts = {f"rule/{r}": 0 for r in RULES} | {f"match/{m}": 0 for m in MATCHES}
+    for r in results:
+        if r.rule is not None:
+            counts[f"rule/{r.rule}"] += 1
+        if r.match is not None:
+            counts[f"match/{r.match}"] += 1
+    return counts
 
 
 def reason_counts(results) -> dict[str, int]:

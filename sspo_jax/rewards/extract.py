@@ -1,29 +1,39 @@
 """Final-answer extraction from a model response, in the Qwen2.5-Math style.
 
-Rules, in order (the first that applies decides):
+Rules, in order (the first that applies decides); each has a code, `Extraction.rule`:
 
-1. The LAST `\\boxed` or `\\fbox` command in the response. `\\boxed{...}` takes the brace-matched
-   group (`\\{` and `\\}` are literal braces, not grouping); `\\boxed 5` (no brace) takes the
-   token after the space, up to whitespace or `$`. If that last box is never closed (the response
-   was truncated inside it), there is no answer: earlier boxes are not consulted, because the
-   model was still changing its final answer when it was cut off. An explicit "final answer
-   is" after that box closed, followed by a `$...$` span or a number, wins over it (the box was
-   an intermediate result).
-2. Otherwise the text after the last "final answer is" / "the answer is" (case-insensitive), up
-   to the end of its line; a `$...$` span there is unwrapped, otherwise the text stops at the
-   end of the sentence (". ").
-3. Otherwise the last number in the response (`-1,234.5`, `3/4`).
+1. `box`: the LAST `\\boxed` or `\\fbox` command in the response. `\\boxed{...}` takes the
+   brace-matched group (`\\{` and `\\}` are literal braces, not grouping); `\\boxed 5` (no
+   brace) takes the token after the space, up to whitespace or `$`. If that last box is never
+   closed (the response was truncated inside it), there is no answer: earlier boxes are not
+   consulted, because the model was still changing its final answer when it was cut off.
+   - `final_phrase`: an explicit "final answer is" after that box closed, followed by a `$...$`
+     span or a number, wins over it (the box was an intermediate result).
+   - `boxes`: when the gold has several elements (a tuple, list or set) and the last box has
+     one, the boxes on the last box's line are combined into one answer, in order and bracketed
+     like the gold ("$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$" for `\\{1,2,3\\}`).
+2. `letter`: when the gold is a choice letter (A-E), the letter after "answer is" / "answer:" /
+   "option" / "choice", or a last line that starts with one ("B. Because ...", "(C)"); no
+   letter there means no answer.
+3. `phrase`: the text after the last "final answer is" / "the answer is" / "answer:"
+   (case-insensitive), up to the end of its line; a `$...$` span there is unwrapped, otherwise
+   the text stops at the end of the sentence (". ").
+4. `math_span` / `number`: the later of the last math span (`$...$`, `$$...$$`, `\\(...\\)`,
+   `\\[...\\]`, taken whole, so `$x \\geq 5$` is the relation, not 5) and the last bare number
+   outside it (`-1,234.5`, `3/4`; digits right after a letter, as in `AZYUK2A`, are no number).
 
 Every step is linear in the response length: `rfind`, one forward scan with a depth counter (no
 recursion, so 10^5 nested braces are fine) and regexes without nested quantifiers.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 
+RULES = ("box", "final_phrase", "boxes", "letter", "phrase", "math_span", "number")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_ANSWER_PHRASES = ("final answer is", "the answer is")
+_ANSWER_PHRASES = ("final answer is", "the answer is", "answer:")
 _BRACE_EVENTS = re.compile(r"\\[\s\S]|[{}]")  # an escaped pair (skipped) or a brace
 _SPACES = re.compile(r"[ \t]*")
 _BARE_TOKEN = re.compile(r"[^\s$]*")  # `\boxed 5`: up to whitespace or `$`
@@ -31,9 +41,27 @@ _BARE_TOKEN = re.compile(r"[^\s$]*")  # `\boxed 5`: up to whitespace or `$`
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _DIGITS = "0123456789"
 _NUMBER_CHARS = _DIGITS + ",./"
-# Thousands-grouped or plain integer, optional decimals, optional /denominator. No nested
-# quantifiers, so matching is linear.
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# Thousands-grouped (no leading zero: `0,111` is two numbers) or plain integer, optional
+# decimals, optional /denominator. No nested quantifiers, so matching is linear.
+_NUMBER = re.compile(r"-?(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# A bare number: not glued to a letter before it (`AZYUK2A`, `x2`, `\\sqrt2`).
+_BARE_NUMBER = re.compile(r"(?<![A-Za-z\d.,/])(?:" + _NUMBER.pattern + ")")
+# Math delimiters, for the last closed span: an escaped `\\$` first so it is never a delimiter.
+_MATH_DELIMS = re.compile(r"\\\$|\$\$|\$|\\\(|\\\)|\\\[|\\\]")
+_CLOSES = {"$": "$", "$$": "$$", "\\(": "\\)", "\\[": "\\]"}
+# A choice letter after an answer phrase ("the answer is (B)", "**Answer: C**", "option E").
+_LETTER_PHRASE = re.compile(
+    r"(?i:answer\s*(?:is|:)|option|choice)\s*(?i:is\s*)?:?[\s*]*(?:\(([A-Ea-e])\)|([A-E]))(?![A-Za-z])")
+_LETTER_LINE = re.compile(r"[\s*]*\(?([A-E])(?:[.)]|\)?\s*$)")
+_MATH_OR_NUMBER_START = re.compile(r"\$|\\\(|\\\[|[-+]?\.?\d")
+_CHOICE_GOLD = re.compile(r"\(?([A-Ea-e])\)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Extraction:
+    """The answer read from a response (None when there is none) and the rule that read it."""
+    answer: str | None
+    rule: str | None
 
 
 def _last_box_start(text: str) -> tuple[int, int]:
@@ -118,8 +146,9 @@ def _after_answer_phrase(text: str) -> str | None:
 def _final_answer_after_last_box(text: str) -> str | None:
     """An explicit "final answer is <math or number>" after the last box closed: the model's
     answer, not the earlier (intermediate) box ("... so \\boxed{255} ... The final answer is
-    $10,455$"). Only the explicit phrase, and only with a `$...$` span or a digit after it, so
-    prose like "\\boxed{5}. The final answer is correct." keeps the box."""
+    $10,455$"). Only the explicit phrase, and only with math or a number right after it (a `:`
+    and markdown `**` allowed between), so prose like "\\boxed{5}. The final answer is correct
+    since $3 \\cdot 4 = 12$." keeps the box."""
     pos = text.translate(_ASCII_LOWER).rfind("final answer is")
     start, length = _last_box_start(text)
     if pos == -1 or pos < start:
@@ -132,11 +161,10 @@ def _final_answer_after_last_box(text: str) -> str | None:
     if end == -1 or pos < end:
         return None
     tail = text[pos:]
-    answer = _after_answer_phrase(tail)
-    line = tail[len("final answer is"):].split("\n", 1)[0].strip().lstrip(":").strip()
-    if answer is None or not (line.startswith("$") or any(d in answer for d in _DIGITS)):
+    line = tail[len("final answer is"):].split("\n", 1)[0].lstrip(" \t:*")
+    if not _MATH_OR_NUMBER_START.match(line):
         return None
-    return answer
+    return _after_answer_phrase(tail)
 
 
 def last_number(text: str) -> str | None:
@@ -161,29 +189,37 @@ def has_box(text: str) -> bool:
     return _last_box_start(text)[0] != -1
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response, as raw text (not normalised); None when there is none.
+def last_math_span(text: str) -> tuple[str, int] | None:
+    """(content, end index) of the last closed math span (`$..$`, `$$..$$`, `\\(..\\)`,
+    `\\[..\\]`); None when there is none. One forward pass over the delimiters."""
+    opener, start, last = None, 0, None
+    for m in _MATH_DELIMS.finditer(text):
+        token = m.group(0)
+        if token == "\\$":
+            continue
+        if opener is None:
+            if token in _CLOSES:
+                opener, start = token, m.end()
+        elif token == _CLOSES[opener]:
+            content = text[start:m.start()].strip()
+            if content:
+                last = (content, m.end())
+            opener = None
+    return last
 
-    See the module docstring for the rules. Never raises on a `str`.
-    """
-    if has_box(text):
-        content = last_boxed_content(text)
-        if content is None or not content.strip():
-            return None
-        later = _final_answer_after_last_box(text)
-        return later if later is not None else content.strip()
-    phrase = _after_answer_phrase(text)
-    if phrase is not None:
-        return phrase
-    return last_number(text)
+
+def last_bare_number(text: str) -> str | None:
+    """The last number in `text` that is not glued to a letter before it."""
+    last = None
+    for m in _BARE_NUMBER.finditer(text):
+        last = m
+    return None if last is None else last.group(0)
 
 
-def count_boxes(text: str) -> int:
-    """Number of closed top-level `\\boxed{}`/`\\fbox{}` groups (boxes nested inside one not counted).
-
-    Linear: each command's next position is searched for only after the scan has passed it.
-    """
-    count, i, n = 0, 0, len(text)
+def top_level_boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of each closed top-level `\\boxed{}`/`\\fbox{}`, in order. Linear:
+    each command's next position is searched for only after the scan has passed it."""
+    out, i, n = [], 0, len(text)
     next_pos = {command: text.find(command) for command in _BOX_COMMANDS}
     while True:
         for command in _BOX_COMMANDS:
@@ -191,14 +227,141 @@ def count_boxes(text: str) -> int:
                 next_pos[command] = text.find(command, i)
         found = [(p, c) for c, p in next_pos.items() if p != -1]
         if not found:
-            return count
+            return out
         pos, command = min(found)
         j = _skip_spaces(text, pos + len(command))
         if j < n and text[j] == "{":
             end = match_brace_group(text, j)
             if end == -1:
-                return count
-            count += 1
+                return out
+            out.append((pos, end, text[j + 1:end - 1].strip()))
             i = end
         else:
             i = pos + len(command)
+
+
+def _last_line_boxes(text: str) -> list[str]:
+    """Contents of the last top-level box and of the boxes before it on the same line."""
+    boxes = top_level_boxes(text)
+    if not boxes:
+        return []
+    run = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        if "\n" in text[box[1]:run[0][0]]:
+            break
+        run.insert(0, box)
+    return [content for _, _, content in run]
+
+
+def _strip_outer(s: str) -> tuple[str, str, str]:
+    """(opener, inside, closer) when one bracket pair encloses all of `s`, else ('', s, '')."""
+    for left, right in (("\\{", "\\}"), ("(", ")"), ("[", "]")):
+        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+            inside = s[len(left):len(s) - len(right)]
+            if _balanced(inside):
+                return left, inside, right
+    return "", s, ""
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for ch in s:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def has_several_elements(answer: str) -> bool:
+    """A tuple, list or set: a comma at bracket depth 0 inside an optional outer bracket pair
+    (`1, 2, 3`, `(1, 2)`, `\\{1,2,3\\}`), not a grouped number (`10,000`), not a union."""
+    s = answer.strip().replace("{,}", "")
+    if len(s) > _MAX_ELEMENTS_CHARS or "\\cup" in s or _THOUSANDS_NUMBER.fullmatch(s):
+        return False
+    _, inside, _ = _strip_outer(s)
+    depth = 0
+    for ch in inside:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            return True
+    return False
+
+
+_MAX_ELEMENTS_CHARS = 2_000  # longer answers are compared exactly anyway (MAX_ANSWER_CHARS)
+_THOUSANDS_NUMBER = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+
+
+def combine_like(gold: str, parts: list[str]) -> str:
+    """Several answers as one, bracketed like the gold: `\\{a, b\\}`, `(a, b)`, or `a, b`."""
+    left, _, right = _strip_outer(gold.strip())
+    return left + ", ".join(parts) + right
+
+
+def choice_letter_of(gold: str) -> str | None:
+    """The letter of a multiple-choice gold (`B`, `(B)`, `\\text{(B)}`), else None."""
+    g = gold.strip()
+    for wrapper in ("\\text{", "\\textbf{", "\\mathrm{"):
+        if g.startswith(wrapper) and g.endswith("}"):
+            g = g[len(wrapper):-1].strip()
+    m = _CHOICE_GOLD.fullmatch(g)
+    return m.group(1).upper() if m else None
+
+
+def _choice_letter(text: str) -> str | None:
+    last = None
+    for m in _LETTER_PHRASE.finditer(text):
+        last = m
+    if last is not None:
+        return (last.group(1) or last.group(2)).upper()
+    lines = [line for line in text.rstrip().split("\n") if line.strip()]
+    if lines:
+        m = _LETTER_LINE.match(lines[-1])
+        if m:
+            return m.group(1)
+    return None
+
+
+def extract(text: str, gold: str | None = None) -> Extraction:
+    """The final answer of a response and the rule that found it (module docstring). The gold
+    (its answer text, `equivalence.gold_answer`) decides only whether several boxes combine and
+    whether a choice letter is looked for. Never raises on a `str`."""
+    several = gold is not None and has_several_elements(gold)
+    if has_box(text):
+        content = last_boxed_content(text)
+        if content is None or not content.strip():
+            return Extraction(None, None)
+        later = _final_answer_after_last_box(text)
+        if later is not None:
+            return Extraction(later, "final_phrase")
+        if several and not has_several_elements(content):
+            parts = _last_line_boxes(text)
+            if len(parts) >= 2:
+                return Extraction(combine_like(gold, parts), "boxes")
+        return Extraction(content.strip(), "box")
+    if gold is not None and choice_letter_of(gold) is not None:
+        # A choice question: a letter, or no answer (a value instead of a letter is no choice).
+        letter = _choice_letter(text)
+        return Extraction(letter, "letter" if letter is not None else None)
+    phrase = _after_answer_phrase(text)
+    if phrase is not None:
+        return Extraction(phrase, "phrase")
+    span = last_math_span(text)
+    number = last_bare_number(text[span[1]:] if span else text)
+    if number is not None:
+        return Extraction(number, "number")
+    if span is not None:
+        return Extraction(span[0], "math_span")
+    return Extraction(None, None)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response, as raw text (not normalised); None when there is none.
+    The gold-independent rules of `extract`."""
+    return extract(text).answer
+
+
+def count_boxes(text: str) -> int:
+    """Number of closed top-level `\\boxed{}`/`\\fbox{}` groups (boxes nested inside one not counted)."""
+    return len(top_level_boxes(text))

@@ -23,7 +23,9 @@ _FRACS = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
 _PERCENT_DOLLAR = re.compile(r"\\?%|\\?\$")
 _GROUPED_COMMA = re.compile(r"\{,\}")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# Thousands groups: the first has no leading zero (`0,111` is a list, never 111), the others
+# three digits. A comma is never a decimal point (`1000,99` and `3,14` are lists).
+_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 _SHORT_FRAC = re.compile(r"\\frac\s*(\d)\s*(\d)")
 _SHORT_FRAC_NUM = re.compile(r"\\frac\s*(\d)\s*\{")
 _SHORT_FRAC_DEN = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")

@@ -71,6 +71,7 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, template: str, max_
         "problems": len(records),
         "dropped_too_long": int(pipe.stats.get("dropped_too_long", 0)),
         **{f"reason/{k}": v for k, v in rewards_lib.reason_counts(all_results).items()},
+        **rewards_lib.rule_counts(all_results),
     }
     return summary, records
 

@@ -195,6 +195,7 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         row = {
             "step": step, **step_metrics, **finalize_metrics(loss_parts),
             **{f"grading/{k}": v for k, v in rewards_lib.reason_counts(graded).items()},
+            **{f"grading/{k}": v for k, v in rewards_lib.rule_counts(graded).items()},
             **({"reward/correct_mean": float(np.mean(correct))} if shaping else {}),
             "skipped_updates": bad, "bad_steps_total": counters["bad_steps_total"],
             "time/sampling_s": ro.sampling_s, "time/grading_s": ro.grading_s, "time/update_s": t_update,
