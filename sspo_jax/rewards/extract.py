@@ -241,16 +241,16 @@ def top_level_boxes(text: str) -> list[tuple[int, int, str]]:
 
 
 def _last_line_boxes(text: str) -> list[str]:
-    """Contents of the last top-level box and of the boxes before it on the same line."""
-    boxes = top_level_boxes(text)
-    if not boxes:
+    """Contents of the last top-level box and of the boxes before it on the same line (one
+    content when that line holds more than _MAX_COMBINED boxes: no answer is that long)."""
+    line_start = text.rfind("\n", 0, _last_box_start(text)[0]) + 1
+    line = text[line_start:]
+    if sum(line.count(c) for c in _BOX_COMMANDS) > _MAX_COMBINED:
         return []
-    run = [boxes[-1]]
-    for box in reversed(boxes[:-1]):
-        if "\n" in text[box[1]:run[0][0]]:
-            break
-        run.insert(0, box)
-    return [content for _, _, content in run]
+    return [content for _, _, content in top_level_boxes(line)]
+
+
+_MAX_COMBINED = 64
 
 
 def _strip_outer(s: str) -> tuple[str, str, str]:
