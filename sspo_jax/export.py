@@ -28,6 +28,7 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
     from sspo_jax import model as model_lib
     from sspo_jax import parallel, run_config, specs
     from sspo_jax.generate import sampler
+    from sspo_jax.train import run_record
     from sspo_jax.train.compile_cache import CompileCache
     from sspo_jax.train.setup import policy_skeleton, restore_params
 
@@ -35,6 +36,7 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
         raise ValueError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     run_config.check_workdir(workdir)
     spec = specs.parse(config, training_data=False)
+    run_record.check_reader(workdir, config, "export")
     mesh = parallel.mesh_from_config(spec.mesh)
     with CompileCache(spec.compile_cache, workdir):  # the all-gathers of the weights compile
         tokenizer, model = policy_skeleton(spec.model, mesh)  # filled with the checkpoint's parameters only

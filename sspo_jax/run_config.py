@@ -134,8 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     # gathered over fsdp (one more copy in memory, no per-token weight all-gathers).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
                                             dcn_tensor=1, devices=0, sampler_reshard=False))
-    # Testing hooks: inject_nan_step poisons that step's advantages to exercise the skip path.
-    c.debug = ml_collections.ConfigDict(dict(inject_nan_step=0))
+    # Testing hooks: inject_nan_step poisons that step's advantages to exercise the skip path;
+    # raise_at_step fails that step right after its checkpoint save was dispatched (in flight in
+    # the background), to exercise the teardown after an error.
+    c.debug = ml_collections.ConfigDict(dict(inject_nan_step=0, raise_at_step=0))
     return c
 
 

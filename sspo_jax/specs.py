@@ -166,6 +166,7 @@ class MeshSpec:
 @dataclasses.dataclass(frozen=True)
 class DebugSpec:
     inject_nan_step: int
+    raise_at_step: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,3 +189,36 @@ def test_a_failed_save_stops_the_run_with_the_step_and_the_fix(tmp_path, monkeyp
         ckpt.save(3, _state(3))
     with pytest.raises(RuntimeError, match="a background save"):
         ckpt.close()
+
+
+def test_abandon_after_an_error_finishes_the_save_in_flight_and_removes_temp_dirs(tmp_path):
+    """What the trainer does when a step fails (train/loop.py's cleanup): the background save
+    completes, a temporary directory left by an interrupted earlier write is removed, nothing
+    raises, and a second abandon or close is harmless."""
+    big = {"w": jnp.ones((2048, 2048), jnp.float32)}  # 16 MB: still writing when abandon starts
+    ckpt = Checkpointer(tmp_path / "c", save_every=1, async_save=True)
+    ckpt.save(0, {"params": _state(0)["params"]}, force=True)
+    ckpt.wait()
+    leftover = tmp_path / "c" / "5.orbax-checkpoint-tmp-1234"
+    leftover.mkdir()
+    (leftover / "partial").write_bytes(b"x")
+    ckpt.save(1, {"params": big}, {"note": "in flight"}, force=True)
+    ckpt.abandon()
+    ckpt.abandon()
+    assert sorted(os.listdir(tmp_path / "c")) == ["0", "1"]
+    items, meta = Checkpointer(tmp_path / "c", save_every=1).restore({"params": abstract(big)})
+    assert meta == {"note": "in flight"}
+    _assert_same(items["params"], big)
+
+
+def test_a_checkpointer_as_context_abandons_on_error_only(tmp_path, monkeypatch):
+    calls = []
+    ckpt = Checkpointer(tmp_path / "c", save_every=1)
+    monkeypatch.setattr(ckpt, "abandon", lambda: calls.append("abandon"))
+    with ckpt:
+        pass
+    with pytest.raises(KeyError):
+        with ckpt:
+            raise KeyError("boom")
+    assert calls == ["abandon"]
+    ckpt.close()

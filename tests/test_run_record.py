@@ -34,6 +34,19 @@ def test_resume_refuses_another_loss_and_allows_more_steps_when_asked(tmp_path):
     assert [r["step"] for r in rows] == [2]
     assert run_record.config_changes(str(tmp_path), tiny_config(**{**RUN, "steps": 2})) == {}
     assert not os.path.exists(tmp_path / run_record.LOCK_FILE)  # released at the end
+    # Fewer steps than the checkpoint holds: nothing to train, said so.
+    with pytest.raises(ValueError, match=r"at step 2; steps=1 is below it"):
+        loop.train_and_evaluate(tiny_config(**RUN), str(tmp_path), allow_config_change=True)
+
+
+def test_evaluate_and_export_refuse_another_model_than_the_run_recorded(tmp_path):
+    from sspo_jax.train import setup
+    setup.write_run_info(str(tmp_path), tiny_config(**RUN), None)
+    run_record.check_reader(str(tmp_path), tiny_config(**{**RUN, "eval.num_prompts": 7}), "evaluate")
+    run_record.check_reader(str(tmp_path / "no-record"), tiny_config(**RUN), "export")
+    with pytest.raises(ValueError, match=r"model.tiny.hidden_size: 32 -> 48.*export would read"):
+        run_record.check_reader(str(tmp_path), tiny_config(**{**RUN, "model.tiny.hidden_size": 48}),
+                                "export")
 
 
 def test_a_workdir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path):

@@ -156,6 +156,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert f"stopped at step {last} of 50 (SIGTERM)" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
+def test_an_error_after_an_async_save_is_one_line_and_leaves_complete_checkpoints(tmp_path):
+    """A run that fails while a background save is in flight: exit status 1, under 30 lines
+    ending in the error, no orbax noise, no temporary checkpoint directory, and a rerun resumes
+    from the last complete checkpoint."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = _cli(tmp_path, steps=3, **{"eval.every": 0, "debug.raise_at_step": 2})
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(lines) < 30, "\n".join(lines)
+    assert lines[-1].startswith("error: debug.raise_at_step=2: the injected failure"), lines[-5:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    ckpt = tmp_path / "checkpoints"
+    assert not [p for p in os.listdir(ckpt) if "tmp" in p], os.listdir(ckpt)
+    from sspo_jax.train.checkpoint import Checkpointer
+    assert Checkpointer(ckpt, save_every=1).latest_step() == 2
+    assert not (tmp_path / ".lock").exists()
+    rerun = subprocess.run(_cli(tmp_path, steps=3, **{"eval.every": 0}) + ["--allow_config_change"],
+                           cwd=repo, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from the checkpoint of step 2" in rerun.stdout
+    assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
 def test_sampling_in_passes_gives_the_rows_of_one_call():
     """rollout.sample_batch_size splits the sampler call; greedy rows do not depend on it."""
     import types

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 from typing import Any
@@ -206,6 +207,37 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self._manager.close()
+        self._closed = True
+
+    def abandon(self) -> None:
+        """Closes after an error elsewhere, raising nothing (the error that stopped the run is
+        the one to report): the save in flight is let finish (it is a good checkpoint), a failed
+        one is logged in one line, and unfinished temporary directories are removed, so the
+        checkpoint directory holds complete checkpoints only."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            log.warning("a background checkpoint save failed too: %s", _first_line(e))
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001
+            log.warning("closing the checkpoint manager failed: %s", _first_line(e))
+        if jax.process_index() == 0 and "://" not in str(self.directory):
+            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        """On an error, `abandon`; after a normal end the caller has closed (or closes) it."""
+        if exc_type is not None:
+            self.abandon()
+        return False
+
+    def __enter__(self):
+        return self
 
 
 def _first_line(error: BaseException) -> str:

@@ -100,7 +100,9 @@ def run_evaluation(config, workdir: str, step: int | None = None) -> dict:
     On the config's mesh; with several processes all take part and process 0 writes the files."""
     from sspo_jax import specs
     from sspo_jax.train.compile_cache import CompileCache
+    from sspo_jax.train import run_record
     spec = specs.parse(config, training_data=False)
+    run_record.check_reader(workdir, config, "evaluate")
     with CompileCache(spec.compile_cache, workdir):
         return _evaluate(spec, workdir, step)
 

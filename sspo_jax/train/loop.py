@@ -53,22 +53,32 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     spec = specs.parse(config, batch_shards=parallel.batch_shards(mesh))
     os.makedirs(workdir, exist_ok=True)
     lock = _lock_workdir(workdir)
-    with lock, CompileCache(spec.compile_cache, workdir):
-        return _train(spec, config, workdir, mesh, allow_config_change)
+    # `cleanup` closes what _train opened (the grading processes, the signal handlers, the
+    # checkpoint manager, the metrics files) when it stops on an error, too.
+    with lock, CompileCache(spec.compile_cache, workdir), contextlib.ExitStack() as cleanup:
+        return _train(spec, config, workdir, mesh, allow_config_change, cleanup)
 
 
-def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change: bool) -> list[dict]:
-    """The run of `spec`; `config` (the same, as given) only goes into the run record."""
+def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change: bool,
+           cleanup: contextlib.ExitStack) -> list[dict]:
+    """The run of `spec`; `config` (the same, as given) only goes into the run record. Whatever
+    it opens is also registered with `cleanup`, which closes it if the run stops on an error."""
     loss_cfg = spec.loss
     is_chief = parallel.is_chief()
     checkpoints = ckpt_lib.Checkpointer(run_config.checkpoint_dir(spec, workdir),
                                         save_every=spec.checkpoint.every,
                                         keep=spec.checkpoint.keep,
                                         async_save=spec.checkpoint.async_save)
+    cleanup.enter_context(checkpoints)  # on an error: finish the save in flight, no temp dirs
     start = checkpoints.latest_step()
     resumed = start is not None
     if resumed:
         _check_resume(workdir, config, allow_config_change, is_chief)
+        if spec.steps < start:
+            raise ValueError(
+                f"{workdir} holds a run at step {start}; steps={spec.steps} is below it, so there "
+                f"is nothing to train. Raise steps to continue it, evaluate it with "
+                f"`python -m sspo_jax.evaluate --workdir={workdir}`, or use another --workdir")
     write_run_info(workdir, config, mesh)
     if is_chief:
         warm = spec.warm_start.steps if spec.data.source == "synthetic" and not resumed else 0
@@ -97,8 +107,9 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     settings = update.UpdateSettings(loss=loss_cfg, temperature=max(r.temperature, 1e-6),
                                             micro_batch_size=t.micro_batch_size,
                                             logprob_chunk=t.logprob_chunk)
-    grader = rewards_lib.Grader()
+    grader = cleanup.enter_context(rewards_lib.Grader())
     watcher = ckpt_lib.PreemptionWatcher()
+    cleanup.callback(watcher.restore_handlers)
     counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
     if resumed:
         graphdef, params = nnx.split(model)
@@ -130,6 +141,7 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
                       checkpoints.restore({"params": params}, step=0)[0]["params"])
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start if resumed else None,
                                        enabled=is_chief)
+    cleanup.callback(writer.close)
     rows_out = []
 
     def sampler_model():
@@ -216,8 +228,10 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
         meta = {"data": data_iter.get_state(), "counters": counters}
         checkpoints.save(step, {"params": params, "opt_state": opt_state}, meta,
                          force=step == spec.steps)
+        if spec.debug.raise_at_step == step:  # a failure while that save is in flight
+            raise RuntimeError(f"debug.raise_at_step={step}: the injected failure")
         if counters["bad_steps_in_a_row"] >= t.max_bad_steps:
-            checkpoints.close()
+            checkpoints.close()  # the last good state is complete before the run says so
             raise RuntimeError(
                 f"stopping: {counters['bad_steps_in_a_row']} steps in a row had non-finite losses or "
                 f"gradients (train.max_bad_steps={t.max_bad_steps}); the last good state is in the "

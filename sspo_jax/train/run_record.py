@@ -71,6 +71,24 @@ def check_resume(workdir: str, config, allow_changes: bool) -> dict[str, tuple]:
     return changes
 
 
+# The fields that say which model a run trained: reading its checkpoints with others builds the
+# wrong skeleton (a shape error at best, another tokenizer's text at worst).
+MODEL_IDENTITY = ("model.hf_dir", "model.tokenizer_dir", "model.tiny.")
+
+
+def check_reader(workdir: str, config, command: str) -> None:
+    """Raises ValueError when `config` names another model than the run recorded in `workdir`
+    (evaluate and export read its checkpoints; other fields, such as eval.*, may differ)."""
+    changes = {k: v for k, v in config_changes(workdir, config).items()
+               if k.startswith(MODEL_IDENTITY)}
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise ValueError(
+            f"{workdir} holds a run of another model than this config's ({listed}): {command} "
+            f"would read its checkpoints into the wrong model. Pass the run's config (recorded "
+            f"in {os.path.join(workdir, CONFIG_FILE)}) or another --workdir")
+
+
 class WorkdirLock:
     """Held by the process that trains in `workdir` (process 0 of a multi-process run)."""
 
