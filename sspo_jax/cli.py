@@ -19,10 +19,17 @@ CONFIG_HELP = ("Config file, configs/FILE.py[:PRESET] (presets: grpo, dapo, dr_g
 
 def define_config_flag(help_text: str = CONFIG_HELP, lock_config: bool = True):
     """The `--config` flag every command takes; its default is the CPU demo (run_config.py)."""
+    from absl import flags
     from ml_collections import config_flags
-    return config_flags.DEFINE_config_file(
+    holder = config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_config.py"),
         help_text, lock_config=lock_config)
+    # Defined in this module, so --help (the main module's flags only) would leave it out, and
+    # with it the overrides and presets its help text names. absl names the main module by
+    # sys.argv[0].
+    import sys
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
+    return holder
 
 
 def one_line_errors(main):

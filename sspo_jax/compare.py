@@ -242,7 +242,10 @@ def main(argv):
 
 if __name__ == "__main__":
     _CONFIG = cli.define_config_flag(
-        "Config file; its loss.name is replaced by each objective in turn.", lock_config=False)
+        "Config file; its loss.name is replaced by each objective in turn (--objectives takes the "
+        "presets: grpo, dapo, dr_grpo, gspo, sspo, sspo_fixed). Any field can be overridden: "
+        "--config.BLOCK.FIELD=VALUE, e.g. --config.steps=100 (fields and defaults: "
+        "sspo_jax/run_config.py).", lock_config=False)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "One sub-directory per objective.")
     _OBJECTIVES = flags.DEFINE_list("objectives", list(DEFAULT_OBJECTIVES), "Loss presets to compare.")
     _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume the runs with safe "

@@ -16,6 +16,8 @@ def test_program_prints_its_help(module, flag):
     # absl exits with status 1 after printing help, so judge by the output.
     assert "Traceback" not in out, out[-3000:]
     assert flag in out
+    if module != "sspo_jax.data.prepare_math":  # the commands that take --config say how to use it
+        assert "--config.BLOCK.FIELD=VALUE" in out and "presets: grpo" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("module,args,message", [

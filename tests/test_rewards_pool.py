@@ -213,3 +213,17 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_grading_at_module_level_under_spawn_says_how_to_fix_it(tmp_path):
+    """A user script that grades at import time: the spawned workers re-import it and die; the
+    error names the `if __name__ == '__main__':` guard."""
+    import subprocess
+    import sys
+    script = tmp_path / "grade_now.py"
+    script.write_text('from sspo_jax import rewards\nprint(rewards.grade(["so \\\\boxed{2}"], ["2"]))\n')
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("RuntimeError: grading")]
+    assert said and "if __name__ == '__main__':" in said[-1], proc.stderr[-2000:]

@@ -157,10 +157,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_after_an_async_save_is_one_line_and_leaves_complete_checkpoints(tmp_path):
+def test_an_error_after_an_async_save_is_one_line_and_a_corrupt_checkpoint_is_skipped(tmp_path):
     """A run that fails while a background save is in flight: exit status 1, under 30 lines
-    ending in the error, no orbax noise, no temporary checkpoint directory, and a rerun resumes
-    from the last complete checkpoint."""
+    ending in the error, no orbax noise, no temporary checkpoint directory. Then its newest
+    checkpoint is truncated on disk: the rerun says so, resumes from the one before and
+    finishes."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = _cli(tmp_path, steps=3, **{"eval.every": 0, "debug.raise_at_step": 2})
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
@@ -170,14 +171,16 @@ def test_an_error_after_an_async_save_is_one_line_and_leaves_complete_checkpoint
     assert lines[-1].startswith("error: debug.raise_at_step=2: the injected failure"), lines[-5:]
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
     ckpt = tmp_path / "checkpoints"
-    assert not [p for p in os.listdir(ckpt) if "tmp" in p], os.listdir(ckpt)
-    from sspo_jax.train.checkpoint import Checkpointer
-    assert Checkpointer(ckpt, save_every=1).latest_step() == 2
+    assert sorted(os.listdir(ckpt)) == ["0", "1", "2"]  # the save in flight completed
     assert not (tmp_path / ".lock").exists()
+
+    from test_checkpoint import _corrupt
+    _corrupt(ckpt / "2", "truncated")
     rerun = subprocess.run(_cli(tmp_path, steps=3, **{"eval.every": 0}) + ["--allow_config_change"],
                            cwd=repo, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from the checkpoint of step 2" in rerun.stdout
+    assert "checkpoint 2" in rerun.stderr and "unreadable" in rerun.stderr, rerun.stderr[-3000:]
+    assert "resumed from the checkpoint of step 1" in rerun.stdout
     assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
 
 

@@ -209,9 +209,11 @@ class Grader:
     def _count_failed_start(self, w: _Worker) -> None:
         self._failed_starts += 1
         if self._failed_starts >= _MAX_FAILED_STARTS:
-            raise RuntimeError(f"grading processes keep dying before they start (exit code "
-                               f"{w.process.exitcode}): check that math-verify imports and that the main module "
-                               f"can be re-imported (spawn; see docs/rewards.md)")
+            raise RuntimeError(
+                f"grading processes keep dying before they start (exit code "
+                f"{w.process.exitcode}): check that math-verify imports, and that your script "
+                f"can be re-imported by them (they are spawned): put the code that grades under "
+                f"`if __name__ == '__main__':` (see docs/rewards.md, Limits)")
 
     def close(self) -> None:
         """Stop the grading processes. Idempotent; `grade` afterwards raises."""

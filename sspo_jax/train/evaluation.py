@@ -155,7 +155,8 @@ def _evaluate(spec, workdir: str, step: int | None) -> dict:
                 with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
                     json.dump(result, f, indent=1)
             summaries[name] = {"pass@1": greedy["accuracy"], "problems": greedy["problems"],
-                               "no_answer": greedy.get("reason/no_answer", 0)}
+                               "no_answer": greedy.get("reason/no_answer", 0),
+                               "dropped_too_long": greedy["dropped_too_long"]}
             if e.num_samples > 1:
                 summaries[name][f"avg@{e.num_samples}"] = result["sampled"]["accuracy"]
                 summaries[name][f"pass@{e.num_samples}"] = result["sampled"][f"pass@{e.num_samples}"]
