@@ -63,3 +63,53 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path
         hf.lm_head.weight[eos[0]] += 100.0  # every position now prefers the EOS
         gen = hf.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == len(ids) + 1 and int(gen[0, -1]) == eos[0]
+
+
+def test_a_qwen25_checkpoint_exports_what_plain_transformers_loads_and_generates_alike(
+        tmp_path, qwen25_tokenizer):
+    """A run of a Qwen2 checkpoint with the real Qwen2.5 tokenizer, exported, loads with plain
+    `AutoTokenizer` + `AutoModelForCausalLM`, and greedy `generate` gives the project's greedy
+    text (stopping at the same EOS)."""
+    from tiny_hf import make_qwen2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sspo_jax.data.qwen_tokenizer import write_qwen25_tokenizer
+    from sspo_jax.data.templates import render_prompt
+    hf_dir = tmp_path / "qwen"
+    make_qwen2(hf_dir, seed=5, vocab_size=151936, hidden_size=32, intermediate_size=64)
+    write_qwen25_tokenizer(hf_dir)
+    overrides = {"model.hf_dir": str(hf_dir), "rollout.max_new_tokens": 16}
+    c = run_config.get_config()
+    c.model.hf_dir = str(hf_dir)
+    spec = specs.parse(c)
+    tokenizer, model = build_policy(spec.model, spec.seed)
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda x: x * 1.2, params)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", save_every=1)
+    ckpt.save(3, {"params": params, "opt_state": init_optimizer(run_optimizer(spec.optimizer, spec.optimizer_steps), params)},
+              {"data": {}}, force=True)
+    ckpt.close()
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "sspo_jax.export", "--config=configs/demo.py",
+                           f"--workdir={tmp_path / 'run'}", f"--out={out}",
+                           *[f"--config.{k}={v}" for k, v in overrides.items()]],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    tok = AutoTokenizer.from_pretrained(out)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) == len(tokenizer)
+    prompt = render_prompt("What is $2 + 3$?", "qwen25-math-cot")
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    theirs = tok.decode(gen[0, len(ids):], skip_special_tokens=False)
+
+    eos = sampler.default_eos_ids(tokenizer)
+    out_ = sampler.generate(nnx.merge(graphdef, params), np.array([ids]), np.ones((1, len(ids))),
+                            jax.random.key(0), max_new_tokens=16, temperature=0.0, eos_ids=eos,
+                            pad_id=sampler.default_pad_id(tokenizer, eos))
+    mine = np.asarray(out_.tokens[0])[np.asarray(out_.mask[0]).astype(bool)]
+    assert theirs == tokenizer.decode(mine.tolist(), skip_special_tokens=False)
+    assert len(theirs) > 0
