@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
-from transformers import Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sspo_jax import run_config, specs
+from sspo_jax.data.templates import render_prompt
 from sspo_jax.data.tokenizer import load_tokenizer
 from sspo_jax.generate import sampler
 from sspo_jax.train.checkpoint import Checkpointer
@@ -43,15 +44,27 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exported the policy of step 7" in proc.stdout
 
-    hf = Qwen2ForCausalLM.from_pretrained(out).eval()
-    tok = load_tokenizer(str(out))
-    ids = tok("12 + 30 =", add_special_tokens=False)["input_ids"]
+    # Plain transformers, as a user (or vLLM, an evaluation harness) loads it.
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = render_prompt("Tom has 12 apples. Tom buys 30 more. How many apples does Tom have now?",
+                           "qwen25-math-cot")
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids == load_tokenizer(str(out))(prompt, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits.numpy()
     ours = nnx.merge(graphdef, params)(jnp.asarray([ids]))
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
-    # transformers' generate stops where the sampler stops; the files are readable by all.
+    # Greedy text: transformers generate == the project's sampler.
     eos = sorted(sampler.default_eos_ids(tok), key=lambda e: e != tok.eos_token_id)
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    mine = sampler.generate(nnx.merge(graphdef, params), np.array([ids]), np.ones((1, len(ids))),
+                            jax.random.key(0), max_new_tokens=12, temperature=0.0, eos_ids=eos,
+                            pad_id=sampler.default_pad_id(tok, eos))
+    mine_ids = np.asarray(mine.tokens[0])[np.asarray(mine.mask[0]).astype(bool)].tolist()
+    assert tok.decode(gen[0, len(ids):]) == tok.decode(mine_ids)
+    # transformers' generate stops where the sampler stops; the files are readable by all.
     assert hf.generation_config.eos_token_id == eos and hf.config.eos_token_id == eos[0] == tok.eos_token_id
     assert hf.config.pad_token_id == hf.generation_config.pad_token_id == tok.pad_token_id
     assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "generation_config.json",

@@ -69,7 +69,10 @@ def _draw_problem(rng: random.Random, level: Level) -> tuple[str, str, int, list
     start = rng.randint(1, level.max_start)
     value, steps = start, []
     for _ in range(level.steps):
-        ops = ["+"] + (["-"] if value > 0 else []) + (["*"] if level.multiply and value * 2 <= MAX_VALUE else [])
+        # At MAX_VALUE nothing can be added (only reached by tripling 333; the draws that never
+        # get there are unchanged by this guard).
+        ops = ((["+"] if value < MAX_VALUE else []) + (["-"] if value > 0 else [])
+               + (["*"] if level.multiply and value * 2 <= MAX_VALUE else []))
         op = rng.choice(ops)
         if op == "+":
             k = rng.randint(1, min(level.max_operand, MAX_VALUE - value))

@@ -1,17 +1,23 @@
 """The project's own small tokenizer for the synthetic task (HF format, no download).
 
-A word-level vocabulary built from the synthetic task's texts and the prompt templates: each
-word with and without a leading space (" apples", "apples"), every digit as its own token (so
-numbers are spelled digit by digit), punctuation and newline as their own tokens (so
-subsentence delimiters are single tokens), ChatML special tokens, and a chat template.
-Decoding concatenates the token strings, so encode -> decode is exact for any text made of
-known pieces. The vocabulary is sorted, so every build gives the same ids.
+A byte-level BPE built the way Qwen2's is, so it is what `transformers` rebuilds from its files:
+Qwen2's pre-tokenizer (its regex, then byte-level), NFC normalisation, a byte-level decoder, and
+BPE merges trained on the synthetic task's texts (a fixed, seeded set of its problems and
+solutions, the task's text fragments and the prompt templates) until every word of them is one
+token. So digits are single tokens (Qwen's regex splits numbers digit by digit), a word keeps its
+leading space (" apples"), punctuation runs are tokens (".", ".\n", "}."), and any other text
+still encodes (as byte pieces; nothing is unknown). `transformers` 5 loads a directory whose
+config.json says `model_type: qwen2` with `Qwen2Tokenizer`, which rebuilds the tokenizer from
+vocab and merges with Qwen2's own pre-tokenizer: with this design that is the same tokenizer, so
+an exported demo model loads with plain `AutoTokenizer`. ChatML special tokens are ids 0-4.
+Training is deterministic, so every build gives the same ids.
 """
 from __future__ import annotations
 
+import functools
 import re
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from sspo_jax.data import synthetic
@@ -19,11 +25,11 @@ from sspo_jax.data.templates import PLAIN_INSTRUCTION, QWEN_MATH_SYSTEM_PROMPT
 
 ENDOFTEXT, IM_START, IM_END, PAD, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD, UNK)  # ids 0..4, in this order
-DIGITS = tuple("0123456789")
-SYMBOLS = tuple(".,?:;!+-*/=(){}$%")
-# A piece is an optionally space-prefixed word, digit, LaTeX command or symbol, or one
-# whitespace character; every character of any text falls in exactly one piece.
-PIECE_PATTERN = r" ?[A-Za-z]+| ?\d| ?\\[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
+# Qwen2's pre-tokenization regex (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                           r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# The synthetic rows the merges are trained on (fixed, so the vocabulary never changes).
+_TRAINING_ROWS, _TRAINING_SEED = 3000, 20240601
 # ChatML with no default system message (the qwen25-math-cot template adds its own).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -34,37 +40,46 @@ CHAT_TEMPLATE = (
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def vocabulary() -> list[str]:
-    """The non-special tokens, sorted: every piece of the task and template texts, each with
-    and without a leading space, plus digits, symbols, a space and a newline."""
-    corpus = list(synthetic.TEXT_FRAGMENTS) + [
-        QWEN_MATH_SYSTEM_PROMPT, PLAIN_INSTRUCTION, "system user assistant",
-    ]
-    splitter = _pre_tokenizer()
-    pieces = set(DIGITS) | set(SYMBOLS)
-    for text in corpus:
-        text = re.sub(r"\{[a-z]+\}", " ", text)  # format placeholders such as {name}
-        text = text.replace("{{", "{").replace("}}", "}")
-        pieces.update(piece for piece, _ in splitter.pre_tokenize_str(text))
-    bare = {piece.lstrip(" ") for piece in pieces} - {""}
-    return sorted(bare | {" " + piece for piece in bare} | {" ", "\n"})
+def training_texts() -> list[str]:
+    """The texts the merges are learned from: the task's fragments, the templates' text, and a
+    fixed set of generated problems and solutions of every level (both splits)."""
+    texts = [QWEN_MATH_SYSTEM_PROMPT, PLAIN_INSTRUCTION, "system\nuser\nassistant\n"]
+    for text in synthetic.TEXT_FRAGMENTS:
+        texts.append(re.sub(r"\{[a-z]+\}", " ", text).replace("{{", "{").replace("}}", "}"))
+    levels = tuple(synthetic.LEVELS)
+    for split in synthetic.SPLITS:
+        for row in synthetic.generate(_TRAINING_ROWS, split=split, levels=levels, seed=_TRAINING_SEED):
+            texts += [row["problem"], row["solution"]]
+    return texts
+
+
+@functools.lru_cache(maxsize=1)
+def _trained() -> str:
+    """The trained tokenizer as JSON (trained once per process: about a second)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = _pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1 << 20, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(training_texts(), trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tokenizer.to_str()
 
 
 def build_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
     """A fresh tokenizer: eos ``<|im_end|>`` (ends an assistant turn), pad ``<|pad|>``, unk
-    ``<|unk|>``, no bos, left padding. Save it with ``save_pretrained(dir)`` and load it back
-    with ``transformers.AutoTokenizer.from_pretrained(dir)``."""
-    tokens = list(SPECIAL_TOKENS) + vocabulary()
-    model = models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token=UNK)
-    tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = _pre_tokenizer()
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    ``<|unk|>`` (never produced: byte-level), no bos, left padding. Save it with
+    ``save_pretrained(dir)``; ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it back,
+    beside a Qwen2 config.json too."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=IM_END, pad_token=PAD, unk_token=UNK,
+        tokenizer_object=Tokenizer.from_str(_trained()), eos_token=IM_END, pad_token=PAD, unk_token=UNK,
         additional_special_tokens=[IM_START, ENDOFTEXT], padding_side="left",
         model_max_length=model_max_length, chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
