@@ -173,7 +173,7 @@ def _sample_and_record(pool: Pool, rng, cfg, row_base: jax.Array) -> tuple[Pool,
     return pool, token, active
 
 
-def _group_specs(mesh, pool: Pool, prompts: Prompts, groups: int):
+def _group_specs(mesh, pool: Pool, groups: int):
     """shard_map specs that give each device its group's part of the pool and prompts."""
     batch = logical_to_spec(("batch",), (groups,), mesh, report=False)[0]
     kv = logical_to_spec(kv_cache.KV_AXES, pool.cache.k.shape, mesh, report=False)
@@ -211,7 +211,7 @@ def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, param
         return _sample_and_record(pool, rng, cfg, row_base)
 
     if sharded:
-        pool_spec, prompt_spec, row = _group_specs(mesh, pool, prompts, groups)
+        pool_spec, prompt_spec, row = _group_specs(mesh, pool, groups)
         bookkeeping = jax.shard_map(bookkeeping, mesh=mesh,
                                     in_specs=(pool_spec, prompt_spec, row, PartitionSpec()),
                                     out_specs=(pool_spec, row, row), check_vma=False)
@@ -255,7 +255,7 @@ def _shrink(groups: int, keep: int, pool: Pool) -> Pool:
 
     mesh = jax.sharding.get_abstract_mesh()
     if groups > 1 and mesh is not None and not mesh.empty:
-        spec = _group_specs(mesh, pool, None, groups)[0]
+        spec = _group_specs(mesh, pool, groups)[0]
         local = jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
     return local(pool)
 
@@ -278,10 +278,14 @@ def run(model, cfg, ids, mask, rng, *, slots: int, chunk_steps: int, mesh=None,
         pool = _init_pool_jit(graphdef, cfg, groups, per_group * groups, params, prompts)
         stream = on_finished is not None
 
+        row_bases = {}  # per pool width: it changes only when the pool shrinks
+
         def chunk(pool):
             width = pool.slot_row.shape[0] // groups
+            if width not in row_bases:
+                row_bases[width] = _row_base(groups, width, rows // groups)
             return _run_chunk(graphdef, cfg, chunk_steps, groups, stream, params, pool, prompts,
-                              _row_base(groups, width, rows // groups), rng)
+                              row_bases[width], rng)
 
         pool, left, state, view = chunk(pool)
         seen = np.zeros(rows, bool)
