@@ -13,7 +13,6 @@ import pytest
 import tiny_hf
 import torch
 
-from sspo_jax import model as M
 from sspo_jax.generate import continuous, sampler
 from sspo_jax.model import attention
 
@@ -26,9 +25,7 @@ PER_ROW = ("tokens", "mask", "lengths", "truncated")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen2_engine")
-    hf = tiny_hf.make_qwen2(path, seed=0)
-    return hf, M.from_pretrained(path)
+    return tiny_hf.hf_and_flax(tmp_path_factory.mktemp("tiny_qwen2_engine"))
 
 
 @pytest.fixture(scope="module")

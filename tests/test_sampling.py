@@ -18,9 +18,7 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    hf = tiny_hf.make_qwen2(path, seed=0)
-    return hf, M.from_pretrained(path)
+    return tiny_hf.hf_and_flax(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 @pytest.fixture(scope="module")

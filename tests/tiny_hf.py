@@ -25,6 +25,14 @@ BASE = dict(
 )
 
 
+def hf_and_flax(out_dir: str | os.PathLike, seed: int = 0):
+    """(transformers model, the project's model loaded from its files): the pair the sampler and
+    engine tests compare."""
+    from sspo_jax import model as M
+    hf = make_qwen2(out_dir, seed=seed)
+    return hf, M.from_pretrained(out_dir)
+
+
 def make_qwen2(out_dir: str | os.PathLike, seed: int = 0, dtype=torch.float32, **overrides):
     """Builds a random `Qwen2ForCausalLM`, saves it as safetensors in `out_dir`, returns the model.
 
