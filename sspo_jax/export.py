@@ -40,6 +40,7 @@ def export(config, workdir: str, out_dir: str, step: int | None = None,
     mesh = parallel.mesh_from_config(spec.mesh)
     with CompileCache(spec.compile_cache, workdir):  # the all-gathers of the weights compile
         tokenizer, model = policy_skeleton(spec.model, mesh)  # filled with the checkpoint's parameters only
+        run_record.check_tokenizer(workdir, tokenizer, record=False)
         step = restore_params(model, run_config.checkpoint_dir(spec, workdir), step)
         # Where the sampler stops, the tokenizer's own EOS first (config.json names one id).
         eos = sorted(sampler.default_eos_ids(tokenizer), key=lambda e: e != tokenizer.eos_token_id)

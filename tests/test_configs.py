@@ -17,8 +17,7 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["demo.py", "demo_mechanisms.py", "qwen2_5_math_1_5b.py",
-                                  "qwen2_5_math_7b.py"])
+@pytest.mark.parametrize("name", ["demo.py", "qwen2_5_math_1_5b.py", "qwen2_5_math_7b.py"])
 @pytest.mark.parametrize("preset", sorted(losses.PRESETS))
 def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     c = _load(name).get_config(preset)
@@ -29,7 +28,7 @@ def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     specs.parse(c)
     cfg = run_config.loss_config(c.loss)
     # No silent per-config changes to the objective: only the demo's documented clip ranges.
-    eps = run_config.DEMO_CLIP.get(preset) if name.startswith("demo") else None
+    eps = run_config.DEMO_CLIP.get(preset) if name == "demo.py" else None
     expected = losses.preset(preset) if eps is None else losses.preset(preset, eps_low=eps[0], eps_high=eps[1])
     assert cfg == expected
 

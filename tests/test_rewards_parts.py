@@ -353,3 +353,20 @@ def test_grade_result_names_the_rule_and_the_match():
     assert counts["rule/box"] == 2 and counts["rule/boxes"] == 1 and counts["rule/letter"] == 1
     assert counts["match/exact"] == 2 and counts["match/numeric"] == 1
     assert counts["match/math_verify"] == 0 and counts["rule/math_span"] == 0
+
+
+@pytest.mark.parametrize("text,gold,want", [
+    ("**Answer:** 12", "12", "12"),                           # markdown around the phrase
+    ("Thus **Answer: 12**", "12", "12"),
+    (r"\boxed{12}. The final answer is $12$. So the answer is correct.", "12", "12"),
+    ("so it is 1,0001", "1000", "1"),                         # not a thousands group: no 1,000
+    (r"Thus the limit is $e$.", "e", "e"),                    # a bare e is no choice letter
+    (r"Thus the answer is (b).", "(b)", "B"),                 # in parentheses it is
+])
+def test_review_cases(text, gold, want):
+    from sspo_jax.rewards import extract
+    assert extract(text, gold).answer == want
+
+
+def test_a_gold_repeating_its_box_on_another_line_is_one_answer():
+    assert gold_answer("So $\\boxed{5}$.\nCheck: $\\boxed{5}$") == "5"

@@ -33,11 +33,29 @@ ADVERSARIAL = {
 }
 
 
+# Hostile to the multiple-choice reader (a letter gold): long runs where its phrase regex
+# could backtrack. Each must be read in linear time, well inside the timeout.
+LETTER_HOSTILE = {
+    "option then 1 MB of spaces": "option" + " " * 10**6 + "x",
+    "answer is then 1 MB of spaces": "the answer is" + " " * 10**6 + "x",
+    "1 MB of 'option is '": "option is " * 100_000,
+    "1 MB of choice lines": "A. no\n" * 160_000,
+}
+
+
 @pytest.fixture(scope="module")
 def grader():
     with Grader(processes=2, kill_grace=1.0) as g:
         g.wait_until_ready()
         yield g
+
+
+@pytest.mark.parametrize("name", sorted(LETTER_HOSTILE))
+def test_letter_reading_is_linear_on_hostile_output(grader, name):
+    grader.wait_until_ready()
+    results = grader.grade([LETTER_HOSTILE[name], "The answer is (B)."], ["B", "B"], timeout=TIMEOUT)
+    assert results[0].reason != "timeout" and results[0].score == 0.0, (name, results[0])
+    assert results[1].reason == "correct"
 
 
 def _assert_normal_batch_works(grader):

@@ -95,3 +95,16 @@ def test_a_field_added_after_the_run_started_is_no_change_at_its_default(tmp_pat
     changed = tiny_config(**{**RUN, "rollout.engine": "continuous", "rollout.slots": 4})
     assert run_record.config_changes(str(tmp_path), changed) == {
         "rollout.engine": (None, "continuous"), "rollout.slots": (None, 4)}
+
+
+def test_a_run_trained_with_another_tokenizer_is_refused(tmp_path):
+    from sspo_jax.data.tokenizer import build_tokenizer
+    tok = build_tokenizer()
+    run_record.check_tokenizer(str(tmp_path), tok, record=False)       # no record: nothing to say
+    assert not (tmp_path / run_record.TOKENIZER_FILE).exists()
+    run_record.check_tokenizer(str(tmp_path), tok, record=True)        # the trainer records it
+    run_record.check_tokenizer(str(tmp_path), build_tokenizer(), record=False)  # rebuilt: the same
+    other = build_tokenizer()
+    other.add_tokens(["zebra"])
+    with pytest.raises(ValueError, match=r"another tokenizer \(vocabulary 452 tokens.*this one has 453"):
+        run_record.check_tokenizer(str(tmp_path), other, record=True)

@@ -139,3 +139,16 @@ def test_table_errors(qwen25_tokenizer, tables):
         segments.segment_ids(tokens, mask, tables["on"], **tables["off"])
     with pytest.raises(ValueError, match="non-empty strings"):
         segments.math_tables(qwen25_tokenizer, delimiters=(".", ""))
+    with pytest.raises(ValueError, match=r"character by character; \['\.\.\.'\]"):
+        segments.math_tables(qwen25_tokenizer, delimiters=(".", "..."))
+
+
+def test_tokens_with_many_braces_are_counted():
+    """A code-like vocabulary: a token closing eight groups at once still returns the level."""
+    from sspo_jax.rl import math_boundaries
+    texts = ["", "x", ",", "\\", "boxed", "{", "{{{{{{{{", "}}}}}}}}", "}", "."]
+    tables = math_boundaries.MathTables.build(texts, (",", "."))
+    # \boxed{ {{{{{{{{ x , }}}}}}}} } , x  -> the first comma is inside the box, the last is not
+    row = [3, 4, 5, 6, 1, 2, 7, 8, 2, 1]
+    b = np.asarray(math_boundaries.boundaries(np.array([row]), np.ones((1, len(row)), bool), tables))
+    assert b[0].tolist() == [False] * 8 + [True, False]

@@ -65,6 +65,19 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def stop_everywhere(error: BaseException | None, message: str) -> None:
+    """Raises `error` on the process that has it and RuntimeError(`message`) on every other one,
+    so a check made on process 0 alone (the run record, the workdir lock) stops every process
+    instead of leaving the others waiting in a collective."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        refused = multihost_utils.process_allgather(np.array([error is not None], np.int32))
+        if np.asarray(refused).any() and error is None:
+            raise RuntimeError(message)
+    if error is not None:
+        raise error
+
+
 def process_block(n: int, index: int | None = None, count: int | None = None) -> slice:
     """The contiguous block of `n` items that process `index` of `count` handles (default:
     this process); blocks differ in size by at most one."""

@@ -23,7 +23,7 @@ import logging
 import re
 from fractions import Fraction
 
-from sspo_jax.rewards.extract import extract, last_boxed_content, top_level_boxes
+from sspo_jax.rewards.extract import extract, last_boxed_content, last_line_boxes
 from sspo_jax.rewards.normalize import comparison_key, normalize_answer
 
 REASONS = ("correct", "wrong", "no_answer", "timeout", "error")
@@ -160,12 +160,12 @@ def equal_by(pred: str, gold: str, use_math_verify: bool = True) -> str | None:
 
 
 def gold_answer(gold: str) -> str:
-    """The gold answer text: its boxes' contents joined by ", " when it has several top-level
-    `\\boxed{}` ("$\\boxed{2}$ and $\\boxed{-3}$" -> "2, -3"), the box's content when one, else
-    the gold."""
-    boxes = top_level_boxes(gold)
+    """The gold answer text: the contents of the boxes on its last box's line joined by ", "
+    when there are several ("$\\boxed{2}$ and $\\boxed{-3}$" -> "2, -3", the rule responses are
+    read by), the last box's content when one, else the gold."""
+    boxes = last_line_boxes(gold)
     if len(boxes) >= 2:
-        return ", ".join(content for _, _, content in boxes)
+        return ", ".join(boxes)
     boxed = last_boxed_content(gold)
     return (boxed if boxed is not None else gold).strip()
 

@@ -22,8 +22,9 @@ Rules, in order (the first that applies decides); each has a code, `Extraction.r
    `\\[...\\]`, taken whole, so `$x \\geq 5$` is the relation, not 5) and the last bare number
    outside it (`-1,234.5`, `3/4`; digits right after a letter, as in `AZYUK2A`, are no number).
 
-Every step is linear in the response length: `rfind`, one forward scan with a depth counter (no
-recursion, so 10^5 nested braces are fine) and regexes without nested quantifiers.
+Every step is linear in the response length: `rfind`, forward scans (a brace depth counter, no
+recursion, so 10^5 nested braces are fine; one pass over the math delimiters) and regexes
+without nested or unbounded adjacent quantifiers.
 """
 from __future__ import annotations
 
@@ -43,18 +44,20 @@ _DIGITS = "0123456789"
 _NUMBER_CHARS = _DIGITS + ",./"
 # Thousands-grouped (no leading zero: `0,111` is two numbers) or plain integer, optional
 # decimals, optional /denominator. No nested quantifiers, so matching is linear.
-_NUMBER = re.compile(r"-?(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?(?:[1-9]\d{0,2}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # A bare number: not glued to a letter before it (`AZYUK2A`, `x2`, `\\sqrt2`).
 _BARE_NUMBER = re.compile(r"(?<![A-Za-z\d.,/])(?:" + _NUMBER.pattern + ")")
 # Math delimiters, for the last closed span: an escaped `\\$` first so it is never a delimiter.
 _MATH_DELIMS = re.compile(r"\\\$|\$\$|\$|\\\(|\\\)|\\\[|\\\]")
 _CLOSES = {"$": "$", "$$": "$$", "\\(": "\\)", "\\[": "\\]"}
 # A choice letter after an answer phrase ("the answer is (B)", "**Answer: C**", "option E").
+# Bounded gaps, so a hostile run of spaces costs constant work per match attempt (linear).
 _LETTER_PHRASE = re.compile(
-    r"(?i:answer\s*(?:is|:)|option|choice)\s*(?i:is\s*)?:?[\s*]*(?:\(([A-Ea-e])\)|([A-E]))(?![A-Za-z])")
+    r"(?i:answer[ \t]{0,8}(?:is|:)|option|choice)[\s*:]{0,12}(?i:is[\s*:]{1,12})?"
+    r"(?:\(([A-Ea-e])\)|([A-E]))(?![A-Za-z])")
 _LETTER_LINE = re.compile(r"[\s*]*\(?([A-E])(?:[.)]|\)?\s*$)")
 _MATH_OR_NUMBER_START = re.compile(r"\$|\\\(|\\\[|[-+]?\.?\d")
-_CHOICE_GOLD = re.compile(r"\(?([A-Ea-e])\)?")
+_CHOICE_GOLD = re.compile(r"\(([A-Ea-e])\)|([A-E])")  # a bare `e` is Euler's number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,20 +119,25 @@ def last_boxed_content(text: str) -> str | None:
 
 
 def _after_answer_phrase(text: str) -> str | None:
-    """The rest of the line after the last "final answer is" / "the answer is"; None if absent."""
+    """The rest of the line after the last "final answer is" / "the answer is" / "answer:";
+    None if absent."""
     lowered = text.translate(_ASCII_LOWER)
     pos, phrase_len = -1, 0
     for phrase in _ANSWER_PHRASES:
         p = lowered.rfind(phrase)
         if p > pos:
             pos, phrase_len = p, len(phrase)
-    if pos == -1:
-        return None
-    rest = text[pos + phrase_len :]
+    return None if pos == -1 else _phrase_answer(text[pos + phrase_len:])
+
+
+def _phrase_answer(rest: str) -> str | None:
+    """The answer in the text right after an answer phrase: to the end of the line, `:` and
+    markdown `**` dropped; the inside of a `$...$` span there, else up to the end of the
+    sentence."""
     newline = rest.find("\n")
     if newline != -1:
         rest = rest[:newline]
-    rest = rest.strip().lstrip(":").strip()
+    rest = rest.strip().lstrip(":*").strip()
     if rest.startswith("$"):
         # `$...$` or `$$...$$`: take the inside of the first math span.
         inner = rest.lstrip("$")
@@ -139,7 +147,7 @@ def _after_answer_phrase(text: str) -> str | None:
         sentence_end = rest.find(". ")  # "The answer is 7. Next, ..." (a decimal point has no space)
         if sentence_end != -1:
             rest = rest[:sentence_end]
-    rest = rest.strip().rstrip(".").strip()
+    rest = rest.strip().rstrip("*").rstrip(".").strip()
     return rest or None
 
 
@@ -160,11 +168,10 @@ def _final_answer_after_last_box(text: str) -> str | None:
         end = j + len(_BARE_TOKEN.match(text, j).group(0))
     if end == -1 or pos < end:
         return None
-    tail = text[pos:]
-    line = tail[len("final answer is"):].split("\n", 1)[0].lstrip(" \t:*")
-    if not _MATH_OR_NUMBER_START.match(line):
+    after = text[pos + len("final answer is"):]
+    if not _MATH_OR_NUMBER_START.match(after.split("\n", 1)[0].lstrip(" \t:*")):
         return None
-    return _after_answer_phrase(tail)
+    return _phrase_answer(after)
 
 
 def last_number(text: str) -> str | None:
@@ -240,10 +247,13 @@ def top_level_boxes(text: str) -> list[tuple[int, int, str]]:
             i = pos + len(command)
 
 
-def _last_line_boxes(text: str) -> list[str]:
+def last_line_boxes(text: str) -> list[str]:
     """Contents of the last top-level box and of the boxes before it on the same line (one
     content when that line holds more than _MAX_COMBINED boxes: no answer is that long)."""
-    line_start = text.rfind("\n", 0, _last_box_start(text)[0]) + 1
+    start = _last_box_start(text)[0]
+    if start == -1:
+        return []
+    line_start = text.rfind("\n", 0, start) + 1
     line = text[line_start:]
     if sum(line.count(c) for c in _BOX_COMMANDS) > _MAX_COMBINED:
         return []
@@ -290,7 +300,7 @@ def has_several_elements(answer: str) -> bool:
 
 
 _MAX_ELEMENTS_CHARS = 2_000  # longer answers are compared exactly anyway (MAX_ANSWER_CHARS)
-_THOUSANDS_NUMBER = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+_THOUSANDS_NUMBER = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?!\d)(?:\.\d+)?")
 
 
 def combine_like(gold: str, parts: list[str]) -> str:
@@ -306,7 +316,7 @@ def choice_letter_of(gold: str) -> str | None:
         if g.startswith(wrapper) and g.endswith("}"):
             g = g[len(wrapper):-1].strip()
     m = _CHOICE_GOLD.fullmatch(g)
-    return m.group(1).upper() if m else None
+    return (m.group(1) or m.group(2)).upper() if m else None
 
 
 def _choice_letter(text: str) -> str | None:
@@ -336,7 +346,7 @@ def extract(text: str, gold: str | None = None) -> Extraction:
         if later is not None:
             return Extraction(later, "final_phrase")
         if several and not has_several_elements(content):
-            parts = _last_line_boxes(text)
+            parts = last_line_boxes(text)
             if len(parts) >= 2:
                 return Extraction(combine_like(gold, parts), "boxes")
         return Extraction(content.strip(), "box")

@@ -48,7 +48,7 @@ _FIELDS = (  # (name, bits)
     ("end", 1), ("hard", 1), ("empty", 1), ("blank", 1),
     ("dollar_odd", 1), ("starts_dollar", 1), ("ends_dollar_or_bs", 1), ("ends_bs", 1),
     ("starts_open", 1), ("starts_close", 1), ("ends_boxed_cmd", 1), ("boxed_word", 1),
-    ("own_event", 2), ("first_event", 2), ("prev_class", 3), ("next_class", 2), ("brace", 4),
+    ("own_event", 2), ("first_event", 2), ("prev_class", 3), ("next_class", 2), ("brace", 8),
 )
 
 
@@ -63,7 +63,7 @@ def _layout(fields):
 
 
 _SHIFT = _layout(_FIELDS)
-_BRACE_BIAS = 7  # brace delta stored as delta + bias in 4 bits
+_BRACE_BIAS = 127  # brace delta stored as delta + bias in 8 bits
 
 
 def _ascii_letter(c: str) -> bool:
@@ -224,9 +224,9 @@ _NO_BOX = -(1 << 30)  # the level of "no \\boxed open"
 
 # What one token does, packed into an int32 for the scan: (name, bits).
 _STEP_FIELDS = (("dollar", 1), ("event", 2), ("opens", 1), ("reset", 1), ("candidate", 1),
-                ("hard", 1), ("mask", 1), ("brace", 4))
+                ("hard", 1), ("mask", 1), ("brace", 8))
 _STEP_SHIFT = _layout(_STEP_FIELDS)
-_STEP_BRACE_BIAS = 7
+_STEP_BRACE_BIAS = 127
 
 
 def _step_code(word, prev_word, prev2_word, candidate, hard, mask):

@@ -85,6 +85,10 @@ def math_tables(tokenizer, delimiters=DEFAULT_DELIMITERS, vocab_size: int | None
     delimiters = tuple(delimiters)
     if not delimiters or any(not isinstance(d, str) or not d for d in delimiters):
         raise ValueError(f"delimiters must be non-empty strings, got {delimiters!r}")
+    if any(len(d) != 1 for d in delimiters):
+        raise ValueError(f"protect_math reads delimiters character by character; "
+                         f"{[d for d in delimiters if len(d) != 1]} are longer: use single "
+                         f"characters, or loss.protect_math=False for the plain table")
     return MathTables.build(_vocab_texts(tokenizer, vocab_size), delimiters, decimal_guard)
 
 

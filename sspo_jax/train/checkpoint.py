@@ -218,17 +218,20 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            self._manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-            log.warning("a background checkpoint save failed too: %s", _first_line(e))
-        try:
-            self._manager.close()
-        except Exception as e:  # noqa: BLE001
-            log.warning("closing the checkpoint manager failed: %s", _first_line(e))
-        if jax.process_index() == 0 and "://" not in str(self.directory):
-            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
-                if ".orbax-checkpoint-tmp" in name:
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            try:
+                self._manager.wait_until_finished()
+                getattr(self._manager, "check_for_errors", lambda: None)()  # not in every orbax
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                log.warning("a background checkpoint save failed too: %s", _first_line(e))
+        finally:  # even when interrupted (a second Ctrl-C): close, and no temporary directories
+            try:
+                self._manager.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing the checkpoint manager failed: %s", _first_line(e))
+            if jax.process_index() == 0 and "://" not in str(self.directory):
+                for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+                    if ".orbax-checkpoint-tmp" in name:
+                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb):
         """On an error, `abandon`; after a normal end the caller has closed (or closes) it."""

@@ -112,6 +112,7 @@ def _evaluate(spec, workdir: str, step: int | None) -> dict:
     from sspo_jax.data.benchmarks import FIVE_BENCHMARKS
     from sspo_jax.run_config import check_workdir, checkpoint_dir
     from sspo_jax.train import metrics as metrics_lib
+    from sspo_jax.train import run_record
     from sspo_jax.train.checkpoint import Checkpointer
     from sspo_jax.train.setup import (build_policy, eval_rows, load_task, policy_skeleton,
                                       restore_params)
@@ -123,6 +124,7 @@ def _evaluate(spec, workdir: str, step: int | None) -> dict:
     if Checkpointer(ckpt_dir, save_every=1, create=False).latest_step() is not None:
         # Parameters only, read into an empty skeleton: no HF weights loaded first, no optimizer state.
         tokenizer, model = policy_skeleton(spec.model, mesh)
+        run_record.check_tokenizer(workdir, tokenizer, record=False)
         source = f"checkpoint step {restore_params(model, ckpt_dir, step)} in {ckpt_dir}"
     elif step is not None:
         raise FileNotFoundError(f"--step={step} given but {ckpt_dir} holds no checkpoint")

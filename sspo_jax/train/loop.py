@@ -24,7 +24,7 @@ from sspo_jax import parallel
 from sspo_jax import rewards as rewards_lib
 from sspo_jax import run_config, specs
 from sspo_jax.generate import sampler
-from sspo_jax.parallel import to_numpy
+from sspo_jax.parallel import hosts, to_numpy
 from sspo_jax.rl import packing, train_batch
 from sspo_jax.rl.loss_metrics import combine_metrics, finalize_metrics
 from sspo_jax.train import checkpoint as ckpt_lib
@@ -69,16 +69,16 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
                                         save_every=spec.checkpoint.every,
                                         keep=spec.checkpoint.keep,
                                         async_save=spec.checkpoint.async_save)
-    cleanup.enter_context(checkpoints)  # on an error: finish the save in flight, no temp dirs
     start = checkpoints.latest_step()
     resumed = start is not None
     if resumed:
-        _check_resume(workdir, config, allow_config_change, is_chief)
         if spec.steps < start:
             raise ValueError(
                 f"{workdir} holds a run at step {start}; steps={spec.steps} is below it, so there "
                 f"is nothing to train. Raise steps to continue it, evaluate it with "
-                f"`python -m sspo_jax.evaluate --workdir={workdir}`, or use another --workdir")
+                f"`python -m sspo_jax.evaluate --config=<its config> --workdir={workdir}`, or use "
+                f"another --workdir")
+        _check_resume(workdir, config, allow_config_change, is_chief)
     write_run_info(workdir, config, mesh)
     if is_chief:
         warm = spec.warm_start.steps if spec.data.source == "synthetic" and not resumed else 0
@@ -90,6 +90,7 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     # initialised just to be overwritten.
     tokenizer, model = (policy_skeleton(spec.model, mesh) if resumed
                         else build_policy(spec.model, spec.seed, mesh))
+    run_record.check_tokenizer(workdir, tokenizer, record=True)
     train_rows, eval_rows, data_counts = load_task(spec.data, spec.eval, spec.seed)
     tables = train_batch.SegmentTables.from_tokenizer(tokenizer, loss_cfg, model.config.vocab_size)
     eos_ids = sampler.default_eos_ids(tokenizer)
@@ -110,6 +111,9 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
     grader = cleanup.enter_context(rewards_lib.Grader())
     watcher = ckpt_lib.PreemptionWatcher()
     cleanup.callback(watcher.restore_handlers)
+    # After the watcher: on an error the save in flight is let finish (no temporary directories)
+    # while SIGTERM is still caught; the handlers are restored after that.
+    cleanup.enter_context(checkpoints)
     counters = {"bad_steps_total": 0, "bad_steps_in_a_row": 0}
     if resumed:
         graphdef, params = nnx.split(model)
@@ -262,19 +266,8 @@ def _lock_workdir(workdir):
             lock = run_record.WorkdirLock(workdir)
         except RuntimeError as e:
             error = e
-    _stop_everywhere(error, "process 0 could not lock the workdir: see its log")
+    hosts.stop_everywhere(error, "process 0 could not lock the workdir: see its log")
     return lock
-
-
-def _stop_everywhere(error, message):
-    """Raises `error` on the process that has it and `message` on every other one."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        refused = multihost_utils.process_allgather(np.array([error is not None], np.int32))
-        if np.asarray(refused).any() and error is None:
-            raise RuntimeError(message)
-    if error is not None:
-        raise error
 
 
 def _check_resume(workdir, config, allow_changes, is_chief):
@@ -289,7 +282,7 @@ def _check_resume(workdir, config, allow_changes, is_chief):
             if changes:
                 print("resuming with changed config: " + "; ".join(
                     f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
-    _stop_everywhere(error, "process 0 refused to resume this workdir with this config: see its log")
+    hosts.stop_everywhere(error, "process 0 refused to resume this workdir with this config: see its log")
 
 
 def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step, mesh):

@@ -21,6 +21,10 @@ SAFE_CHANGES = ("steps", "eval.", "checkpoint.every", "checkpoint.keep", "checkp
                 "compile_cache.", "debug.")
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
+# The fingerprint of the vocabulary a run trained with: the demo's tokenizer is rebuilt at every
+# start (its ids depend on the code that builds it), and a checkpoint read with other token ids
+# would decode garbage without any error.
+TOKENIZER_FILE = "tokenizer.sha256"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -78,7 +82,22 @@ MODEL_IDENTITY = ("model.hf_dir", "model.tokenizer_dir", "model.tiny.")
 
 def check_reader(workdir: str, config, command: str) -> None:
     """Raises ValueError when `config` names another model than the run recorded in `workdir`
-    (evaluate and export read its checkpoints; other fields, such as eval.*, may differ)."""
+    (evaluate and export read its checkpoints; other fields, such as eval.*, may differ). Process
+    0 holds the record and decides; every process stops with it."""
+    import jax
+
+    from sspo_jax.parallel import hosts
+    error = None
+    if jax.process_index() == 0:
+        try:
+            _check_reader(workdir, config, command)
+        except ValueError as e:
+            error = e
+    hosts.stop_everywhere(error, f"process 0 refused to {command} this workdir with this config: "
+                                 f"see its log")
+
+
+def _check_reader(workdir: str, config, command: str) -> None:
     changes = {k: v for k, v in config_changes(workdir, config).items()
                if k.startswith(MODEL_IDENTITY)}
     if changes:
@@ -87,6 +106,38 @@ def check_reader(workdir: str, config, command: str) -> None:
             f"{workdir} holds a run of another model than this config's ({listed}): {command} "
             f"would read its checkpoints into the wrong model. Pass the run's config (recorded "
             f"in {os.path.join(workdir, CONFIG_FILE)}) or another --workdir")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (every token and its id, added tokens included)."""
+    import hashlib
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_tokenizer(workdir: str, tokenizer, *, record: bool) -> None:
+    """Raises ValueError (on every process) when the run in `workdir` was trained with another
+    vocabulary than `tokenizer`'s; with `record` (the trainer), writes the fingerprint when the
+    workdir has none yet. Process 0 decides."""
+    import jax
+
+    from sspo_jax.parallel import hosts
+    error = None
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, TOKENIZER_FILE)
+        now = f"{len(tokenizer)} {tokenizer_fingerprint(tokenizer)}"
+        before = _read(path)
+        if before is not None and before.strip() != now:
+            error = ValueError(
+                f"{workdir} holds a run trained with another tokenizer (vocabulary "
+                f"{before.split()[0]} tokens, fingerprint {before.split()[-1][:12]}); this one has "
+                f"{len(tokenizer)} tokens, fingerprint {now.split()[-1][:12]}. Its checkpoints "
+                f"would read other token ids: use the tokenizer it was trained with (the software "
+                f"version in run_info.json) or another --workdir")
+        elif before is None and record:
+            with open(path, "w") as f:
+                f.write(now + "\n")
+    hosts.stop_everywhere(error, "process 0 found another tokenizer than the run's: see its log")
 
 
 class WorkdirLock:
