@@ -34,9 +34,9 @@ from sspo_jax.generate import sampler
 # small programs (min_compile_secs=0), so the resumed run can be seen reading them.
 POD_RUN = {
     "steps": 3, "warm_start.steps": 3, "warm_start.examples": 64, "warm_start.batch_size": 8,
-    "rollout.prompts_per_step": 8, "rollout.num_samples": 4, "rollout.max_new_tokens": 16,
+    "rollout.prompts_per_step": 8, "rollout.num_samples": 4, "rollout.max_new_tokens": 20,
     "train.ppo_mini_batches": 2, "train.micro_batch_size": 8, "eval.every": 2,
-    "eval.num_prompts": 16, "eval.batch_size": 8, "eval.max_new_tokens": 16,
+    "eval.num_prompts": 16, "eval.batch_size": 8, "eval.max_new_tokens": 20,
     "checkpoint.every": 1, "data.synthetic_train_size": 200, "compile_cache.min_compile_secs": 0,
     "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2,
     # Adam divides each gradient entry by its own magnitude (+ eps): on a step with no signal
