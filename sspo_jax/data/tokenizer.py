@@ -19,15 +19,16 @@ import re
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2 import tokenization_qwen2 as _qwen2_tokenization
 
 from sspo_jax.data import synthetic
 from sspo_jax.data.templates import PLAIN_INSTRUCTION, QWEN_MATH_SYSTEM_PROMPT
 
 ENDOFTEXT, IM_START, IM_END, PAD, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD, UNK)  # ids 0..4, in this order
-# Qwen2's pre-tokenization regex (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
-QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
-                           r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen2's pre-tokenization regex, taken from the class transformers rebuilds the tokenizer with
+# (not a copy, so the two cannot drift apart).
+QWEN2_PRETOKENIZE_REGEX = _qwen2_tokenization.PRETOKENIZE_REGEX
 # The synthetic rows the merges are trained on (fixed, so the vocabulary never changes).
 _TRAINING_ROWS, _TRAINING_SEED = 3000, 20240601
 # ChatML with no default system message (the qwen25-math-cot template adds its own).

@@ -78,6 +78,20 @@ def stop_everywhere(error: BaseException | None, message: str) -> None:
         raise error
 
 
+def on_chief(check, message: str, errors=(ValueError,)):
+    """Runs `check()` on process 0 only and returns its result there (None elsewhere); an error
+    of type `errors` it raises stops every process (`stop_everywhere`). For the checks only
+    process 0 can make: the run record, the workdir lock."""
+    error, result = None, None
+    if jax.process_index() == 0:
+        try:
+            result = check()
+        except errors as e:
+            error = e
+    stop_everywhere(error, message)
+    return result
+
+
 def process_block(n: int, index: int | None = None, count: int | None = None) -> slice:
     """The contiguous block of `n` items that process `index` of `count` handles (default:
     this process); blocks differ in size by at most one."""

@@ -23,7 +23,7 @@ import logging
 import re
 from fractions import Fraction
 
-from sspo_jax.rewards.extract import extract, last_boxed_content, last_line_boxes
+from sspo_jax.rewards.extract import RULES, extract, last_boxed_content, last_line_boxes
 from sspo_jax.rewards.normalize import comparison_key, normalize_answer
 
 REASONS = ("correct", "wrong", "no_answer", "timeout", "error")
@@ -190,7 +190,6 @@ def grade_response(response: str, gold: str, use_math_verify: bool = True) -> Gr
 def rule_counts(results) -> dict[str, int]:
     """How the answers were read (`rule/<code>`) and matched (`match/<test>`): every code, zeros
     included, over a list of GradeResult."""
-    from sspo_jax.rewards.extract import RULES
     counts = {f"rule/{r}": 0 for r in RULES} | {f"match/{m}": 0 for m in MATCHES}
     for r in results:
         if r.rule is not None:

@@ -32,6 +32,8 @@ import dataclasses
 import re
 import string
 
+from sspo_jax.rewards.normalize import THOUSANDS_NUMBER
+
 RULES = ("box", "final_phrase", "boxes", "letter", "phrase", "math_span", "number")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_PHRASES = ("final answer is", "the answer is", "answer:")
@@ -287,7 +289,7 @@ def has_several_elements(answer: str) -> bool:
     """A tuple, list or set: a comma at bracket depth 0 inside an optional outer bracket pair
     (`1, 2, 3`, `(1, 2)`, `\\{1,2,3\\}`), not a grouped number (`10,000`), not a union."""
     s = answer.strip().replace("{,}", "")
-    if len(s) > _MAX_ELEMENTS_CHARS or "\\cup" in s or _THOUSANDS_NUMBER.fullmatch(s):
+    if len(s) > _MAX_ELEMENTS_CHARS or "\\cup" in s or THOUSANDS_NUMBER.fullmatch(s):
         return False
     _, inside, _ = _strip_outer(s)
     depth = 0
@@ -300,7 +302,6 @@ def has_several_elements(answer: str) -> bool:
 
 
 _MAX_ELEMENTS_CHARS = 2_000  # longer answers are compared exactly anyway (MAX_ANSWER_CHARS)
-_THOUSANDS_NUMBER = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?!\d)(?:\.\d+)?")
 
 
 def combine_like(gold: str, parts: list[str]) -> str:
@@ -337,7 +338,6 @@ def extract(text: str, gold: str | None = None) -> Extraction:
     """The final answer of a response and the rule that found it (module docstring). The gold
     (its answer text, `equivalence.gold_answer`) decides only whether several boxes combine and
     whether a choice letter is looked for. Never raises on a `str`."""
-    several = gold is not None and has_several_elements(gold)
     if has_box(text):
         content = last_boxed_content(text)
         if content is None or not content.strip():
@@ -345,7 +345,8 @@ def extract(text: str, gold: str | None = None) -> Extraction:
         later = _final_answer_after_last_box(text)
         if later is not None:
             return Extraction(later, "final_phrase")
-        if several and not has_several_elements(content):
+        if (gold is not None and has_several_elements(gold)
+                and not has_several_elements(content)):
             parts = last_line_boxes(text)
             if len(parts) >= 2:
                 return Extraction(combine_like(gold, parts), "boxes")

@@ -25,7 +25,7 @@ _PERCENT_DOLLAR = re.compile(r"\\?%|\\?\$")
 _GROUPED_COMMA = re.compile(r"\{,\}")
 # Thousands groups: the first has no leading zero (`0,111` is a list, never 111), the others
 # three digits. A comma is never a decimal point (`1000,99` and `3,14` are lists).
-_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+THOUSANDS_NUMBER = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 _SHORT_FRAC = re.compile(r"\\frac\s*(\d)\s*(\d)")
 _SHORT_FRAC_NUM = re.compile(r"\\frac\s*(\d)\s*\{")
 _SHORT_FRAC_DEN = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
@@ -121,7 +121,7 @@ def normalize_answer(s: str) -> str:
     s = _strip_units(s)
     s = _strip_assignment(s)
     s = _GROUPED_COMMA.sub(",", s)
-    if _THOUSANDS.fullmatch(s):
+    if THOUSANDS_NUMBER.fullmatch(s):
         s = s.replace(",", "")
     s = word_to_number(s)
     s = _SHORT_FRAC.sub(r"\\frac{\1}{\2}", s)

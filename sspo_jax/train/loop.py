@@ -78,7 +78,7 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
                 f"is nothing to train. Raise steps to continue it, evaluate it with "
                 f"`python -m sspo_jax.evaluate --config=<its config> --workdir={workdir}`, or use "
                 f"another --workdir")
-        _check_resume(workdir, config, allow_config_change, is_chief)
+        _check_resume(workdir, config, allow_config_change)
     write_run_info(workdir, config, mesh)
     if is_chief:
         warm = spec.warm_start.steps if spec.data.source == "synthetic" and not resumed else 0
@@ -260,29 +260,18 @@ def _train(spec: specs.RunSpec, config, workdir: str, mesh, allow_config_change:
 
 def _lock_workdir(workdir):
     """Process 0 takes the workdir's lock; if it cannot, every process stops (not only it)."""
-    lock, error = contextlib.nullcontext(), None
-    if parallel.is_chief():
-        try:
-            lock = run_record.WorkdirLock(workdir)
-        except RuntimeError as e:
-            error = e
-    hosts.stop_everywhere(error, "process 0 could not lock the workdir: see its log")
-    return lock
+    lock = hosts.on_chief(lambda: run_record.WorkdirLock(workdir),
+                          "process 0 could not lock the workdir: see its log", errors=(RuntimeError,))
+    return lock if lock is not None else contextlib.nullcontext()
 
 
-def _check_resume(workdir, config, allow_changes, is_chief):
+def _check_resume(workdir, config, allow_changes):
     """Process 0 compares the config with the run record; every process stops if it refuses."""
-    error = None
-    if is_chief:
-        try:
-            changes = run_record.check_resume(workdir, config, allow_changes)
-        except ValueError as e:
-            error = e
-        else:
-            if changes:
-                print("resuming with changed config: " + "; ".join(
-                    f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
-    hosts.stop_everywhere(error, "process 0 refused to resume this workdir with this config: see its log")
+    changes = hosts.on_chief(lambda: run_record.check_resume(workdir, config, allow_changes),
+                             "process 0 refused to resume this workdir with this config: see its log")
+    if changes:
+        print("resuming with changed config: " + "; ".join(
+            f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()), flush=True)
 
 
 def _update(params, opt_state, pb, graphdef, optimizer, settings, spec, step, mesh):

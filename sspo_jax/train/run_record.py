@@ -84,17 +84,9 @@ def check_reader(workdir: str, config, command: str) -> None:
     """Raises ValueError when `config` names another model than the run recorded in `workdir`
     (evaluate and export read its checkpoints; other fields, such as eval.*, may differ). Process
     0 holds the record and decides; every process stops with it."""
-    import jax
-
     from sspo_jax.parallel import hosts
-    error = None
-    if jax.process_index() == 0:
-        try:
-            _check_reader(workdir, config, command)
-        except ValueError as e:
-            error = e
-    hosts.stop_everywhere(error, f"process 0 refused to {command} this workdir with this config: "
-                                 f"see its log")
+    hosts.on_chief(lambda: _check_reader(workdir, config, command),
+                   f"process 0 refused to {command} this workdir with this config: see its log")
 
 
 def _check_reader(workdir: str, config, command: str) -> None:
@@ -119,25 +111,25 @@ def check_tokenizer(workdir: str, tokenizer, *, record: bool) -> None:
     """Raises ValueError (on every process) when the run in `workdir` was trained with another
     vocabulary than `tokenizer`'s; with `record` (the trainer), writes the fingerprint when the
     workdir has none yet. Process 0 decides."""
-    import jax
-
     from sspo_jax.parallel import hosts
-    error = None
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, TOKENIZER_FILE)
-        now = f"{len(tokenizer)} {tokenizer_fingerprint(tokenizer)}"
-        before = _read(path)
-        if before is not None and before.strip() != now:
-            error = ValueError(
-                f"{workdir} holds a run trained with another tokenizer (vocabulary "
-                f"{before.split()[0]} tokens, fingerprint {before.split()[-1][:12]}); this one has "
-                f"{len(tokenizer)} tokens, fingerprint {now.split()[-1][:12]}. Its checkpoints "
-                f"would read other token ids: use the tokenizer it was trained with (the software "
-                f"version in run_info.json) or another --workdir")
-        elif before is None and record:
-            with open(path, "w") as f:
-                f.write(now + "\n")
-    hosts.stop_everywhere(error, "process 0 found another tokenizer than the run's: see its log")
+    hosts.on_chief(lambda: _check_tokenizer(workdir, tokenizer, record),
+                   "process 0 found another tokenizer than the run's: see its log")
+
+
+def _check_tokenizer(workdir: str, tokenizer, record: bool) -> None:
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    now = f"{len(tokenizer)} {tokenizer_fingerprint(tokenizer)}"
+    before = _read(path)
+    if before is not None and before.strip() != now:
+        raise ValueError(
+            f"{workdir} holds a run trained with another tokenizer (vocabulary "
+            f"{before.split()[0]} tokens, fingerprint {before.split()[-1][:12]}); this one has "
+            f"{len(tokenizer)} tokens, fingerprint {now.split()[-1][:12]}. Its checkpoints "
+            f"would read other token ids: use the tokenizer it was trained with (the software "
+            f"version in run_info.json) or another --workdir")
+    if before is None and record:
+        with open(path, "w") as f:
+            f.write(now + "\n")
 
 
 class WorkdirLock:
