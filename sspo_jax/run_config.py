@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict({"name": "sspo"})
     for field, kind in LOSS_OVERRIDES.items():
         c.loss[field] = config_dict.placeholder(kind)
+    # Clip ranges by preset name, (eps_low, eps_high), used where eps_low / eps_high are unset:
+    # a config tuned for its own response lengths (the demo) widens them per objective, and
+    # `sspo_jax.compare`, which swaps loss.name, then gives each objective its own range.
+    c.loss.clip_by_preset = ml_collections.ConfigDict()
 
     # The update: the rollout batch is split into ppo_mini_batches optimizer steps, for
     # ppo_epochs passes; each mini-batch is accumulated over micro-batches of micro_batch_size.
@@ -156,8 +160,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """
     c = base_config()
     c.loss.name = arg or "sspo"
-    if c.loss.name in DEMO_CLIP:
-        c.loss.eps_low, c.loss.eps_high = DEMO_CLIP[c.loss.name]
+    c.loss.clip_by_preset = ml_collections.ConfigDict(DEMO_CLIP)
     c.steps = 60
     c.model.tiny.hidden_size = 128
     c.model.tiny.intermediate_size = 384
@@ -180,8 +183,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def loss_config(loss: ml_collections.ConfigDict) -> losses.LossConfig:
-    """The LossConfig of `loss.name`'s preset with every field the config sets overridden."""
+    """The LossConfig of `loss.name`'s preset with every field the config sets overridden; the
+    clip range, where the config sets neither bound, from `loss.clip_by_preset[loss.name]`."""
     overrides = {k: loss[k] for k in LOSS_OVERRIDES if loss.get(k) is not None}
+    by_preset = loss.get("clip_by_preset") or {}
+    if loss.name in by_preset and not {"eps_low", "eps_high"} & overrides.keys():
+        eps = tuple(by_preset[loss.name])
+        if len(eps) != 2:
+            raise ValueError(f"loss.clip_by_preset.{loss.name}: need (eps_low, eps_high), got {eps}")
+        overrides["eps_low"], overrides["eps_high"] = float(eps[0]), float(eps[1])
     return losses.preset(loss.name, **overrides)
 
 

@@ -33,6 +33,27 @@ def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     assert cfg == expected
 
 
+def test_swapping_the_objective_swaps_its_clip_range():
+    # sspo_jax.compare replaces loss.name on one config: every objective must get its own
+    # range (the demo's for SSPO and GSPO, the preset's 0.2 for GRPO), not the first preset's.
+    c = run_config.get_config("sspo")
+    for preset in ("grpo", "gspo", "sspo", "dapo"):
+        c.loss.name = preset
+        eps = run_config.DEMO_CLIP.get(preset)
+        expected = losses.preset(preset) if eps is None else losses.preset(preset, eps_low=eps[0], eps_high=eps[1])
+        assert run_config.loss_config(c.loss) == expected, preset
+    assert run_config.loss_config(c.loss).eps_low == losses.preset("dapo").eps_low
+    # A bound set on the config (the command line) wins for every objective.
+    c.loss.eps_high = 0.3
+    c.loss.name = "gspo"
+    cfg = run_config.loss_config(c.loss)
+    assert (cfg.eps_low, cfg.eps_high) == (losses.preset("gspo").eps_low, 0.3)
+    c.loss.eps_high = None
+    c.loss.clip_by_preset.gspo = (0.1,)
+    with pytest.raises(ValueError, match="clip_by_preset.gspo"):
+        run_config.loss_config(c.loss)
+
+
 def test_paper_configs_follow_the_spec():
     c = _load("qwen2_5_math_1_5b.py").get_config("sspo")
     assert (c.rollout.prompts_per_step, c.rollout.num_samples) == (128, 8)
