@@ -111,19 +111,21 @@ def bench_size(name, reps, peak_tflops):
     return row
 
 
-def skewed_lengths(rows: int, prompt_len: int, response_len: int, seed: int = 0):
-    """(prompt, response) real lengths like RL on Qwen2.5-Math: prompts uniform in [P/4, P],
-    responses lognormal with median R/6 (sigma 0.8), clipped to [1, R], and 1 row in 16 at the
-    budget R (truncated)."""
+def skewed_lengths(rows: int, prompt_len: int, response_len: int, seed: int = 0,
+                   prompt_fill: tuple[float, float] = (0.25, 1.0)):
+    """(prompt, response) real lengths like RL on Qwen2.5-Math: prompts uniform in
+    [lo * P, hi * P] (`prompt_fill`), responses lognormal with median R/6 (sigma 0.8), clipped to
+    [1, R], and 1 row in 16 at the budget R (truncated)."""
     import numpy as np
     rng = np.random.default_rng(seed)
-    prompts = rng.integers(prompt_len // 4, prompt_len + 1, rows)
+    lo, hi = prompt_fill
+    prompts = rng.integers(max(1, round(lo * prompt_len)), round(hi * prompt_len) + 1, rows)
     responses = np.clip(np.round(rng.lognormal(np.log(response_len / 6), 0.8, rows)), 1, response_len)
     responses[rng.choice(rows, max(1, rows // 16), replace=False)] = response_len
     return prompts.astype(int), responses.astype(int)
 
 
-def skewed_size(name, reps, rows, prompt_len, response_len, micro_rows):
+def skewed_size(name, reps, rows, prompt_len, response_len, micro_rows, prompt_fill=(0.25, 1.0)):
     """The update on a skewed-length rollout batch, padded vs packed (train.packing), same
     weights, batch and loss (SSPO); time per real token."""
     import jax
@@ -138,7 +140,7 @@ def skewed_size(name, reps, rows, prompt_len, response_len, micro_rows):
     cfg = M.Qwen2Config(head_dim=SIZES[name]["hidden_size"] // SIZES[name]["num_attention_heads"],
                         max_position_embeddings=prompt_len + response_len, **SIZES[name])
     graphdef, params = nnx.split(M.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    prompts, responses = skewed_lengths(rows, prompt_len, response_len)
+    prompts, responses = skewed_lengths(rows, prompt_len, response_len, prompt_fill=prompt_fill)
     rng = np.random.default_rng(1)
     width = prompt_len + response_len
     cols = np.arange(width)[None]
@@ -189,6 +191,9 @@ def skewed_size(name, reps, rows, prompt_len, response_len, micro_rows):
     real = int(attn.sum())
     return {"model": f"~{name.upper()}", "rows x slots": f"{rows} x {width}",
             "real tokens": real, "packed rows": layout.source.shape[0],
+            "prompts (real / P)": f"{prompts.mean() / prompt_len:.2f}",
+            "real / padded slots": f"{real / (rows * width):.2f}",
+            "slot ratio": rows * width / layout.source.size,
             "padded ms": med["padded"] * 1e3, "packed ms": med["packed"] * 1e3,
             "padded us/real tok": med["padded"] / real * 1e6, "packed us/real tok": med["packed"] / real * 1e6,
             "speed-up": med["padded"] / med["packed"],
@@ -223,9 +228,15 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64, help="skewed: prompt bucket P")
     ap.add_argument("--response-len", type=int, default=512, help="skewed: max_new_tokens R")
     ap.add_argument("--micro-rows", type=int, default=8, help="skewed: rows per micro-batch (both)")
+    ap.add_argument("--prompt-fill", default="0.25,1.0",
+                    help="skewed: real prompt lengths uniform in [lo*P, hi*P]. The Qwen configs' "
+                         "prompt bucket is 1024 for MATH prompts of ~50-350 tokens: 0.05,0.35")
     args = ap.parse_args()
     if args.workload == "skewed":
-        rows = [skewed_size(s, args.reps, args.rows, args.prompt_len, args.response_len, args.micro_rows)
+        fill = tuple(float(x) for x in args.prompt_fill.split(","))
+        if len(fill) != 2 or not 0 < fill[0] <= fill[1] <= 1:
+            ap.error(f"--prompt-fill={args.prompt_fill}: need lo,hi with 0 < lo <= hi <= 1")
+        rows = [skewed_size(s, args.reps, args.rows, args.prompt_len, args.response_len, args.micro_rows, fill)
                 for s in args.sizes.split(",")]
     else:
         rows = [bench_size(s, args.reps, args.peak_tflops) for s in args.sizes.split(",")]

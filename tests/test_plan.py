@@ -14,7 +14,7 @@ from jax.sharding import AbstractMesh
 
 from sspo_jax import model as M
 from sspo_jax import parallel, plan
-from sspo_jax.plan import costs as plan_costs
+from sspo_jax.plan import memory as plan_memory
 from sspo_jax.plan import tables as plan_tables
 from sspo_jax.run_config import base_config
 from sspo_jax.train import update
@@ -354,7 +354,7 @@ def test_sampler_estimate_brackets_xla_cpu_temporaries(prompts, prompt_len, new_
         compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
     xla = compiled.memory_analysis().temp_size_in_bytes
     model = plan.Model(cfg, plan.MeshPlan((1, 1, 1), (1, 1, 1), 1), "bfloat16", "float32", "xla")
-    items = plan_costs._sampler_items(model, "sampling", prompts, 8, prompt_len, new_tokens, False, "x")
+    items = plan_memory._sampler_items(model, "sampling", prompts, 8, prompt_len, new_tokens, False, "x")
     ours = max(sum(i.bytes for i in items if i.phase == phase)
                for phase in ("sampling: prefill", "sampling: decode"))
     assert 0.8 < xla / ours < 1.3, (xla, ours)

@@ -50,10 +50,13 @@ POD_RUN = {
 # parameters alone); bf16 compute with the sampler's bf16 copy; the packed update.
 VARIANTS = {"float32_kl": {"loss.kl_beta": 0.05},
             "bfloat16_sampler_copy": {"model.dtype": "bfloat16", "mesh.sampler_reshard": True},
-            # The padding-free update across processes: packed rows planned from all-gathered
-            # lengths, placed per process; the recomputed old and reference log-probs unpacked.
+            # The Qwen configs' rollout and update across processes: the continuous engine (4
+            # slots per batch shard for its 8 rows, so rows queue), packed rows planned from
+            # all-gathered lengths, placed per process; the recomputed old and reference
+            # log-probs unpacked.
             "float32_packed_kl": {"loss.kl_beta": 0.05, "train.packing": True,
-                                  "rollout.old_logprobs": "recompute"}}
+                                  "rollout.old_logprobs": "recompute",
+                                  "rollout.engine": "continuous", "rollout.slots": 4}}
 
 
 @pytest.fixture(scope="module")

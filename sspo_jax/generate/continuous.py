@@ -324,13 +324,15 @@ def _init_pool_jit(graphdef, cfg, groups: int, slots: int, params, prompts: Prom
     return _init_pool(nnx.merge(graphdef, params), cfg, prompts, groups, slots)
 
 
+# The widths a draining pool takes: 1, 2, 3, 4, 6, 8, 12, ... (two per doubling), so it runs at
+# most 1.5x wider than the rows still decoding, and compiles a few programs, each once.
+SHRINK_SIZES = sorted({1, *(m << k for m in (2, 3) for k in range(30))})
+
+
 def _shrunk_width(width: int, busiest: int) -> int:
-    """The slots per group a draining pool keeps: halved while the busiest group fits in half
-    (a few sizes, each compiled once), never below 1."""
-    keep = width
-    while keep > 1 and busiest <= keep // 2:
-        keep //= 2
-    return keep
+    """The slots per group a draining pool keeps: the smallest of SHRINK_SIZES that holds the
+    busiest group, if below `width`, never below 1."""
+    return min(width, next(w for w in SHRINK_SIZES if w >= max(busiest, 1)))
 
 
 def _row_base(groups: int, per_group: int, rows_per_group: int) -> jax.Array:

@@ -1,7 +1,10 @@
-"""The memory plan and cost model on paper: `python -m sspo_jax.plan` (costs.py: the formulas,
+"""The memory plan and cost model on paper: `python -m sspo_jax.plan` (shapes.py: one RL step's
+shapes, memory.py: the memory plan, costs.py: the FLOPs, bytes and times, and the plan,
 mesh.py: parameter counts and per-device shares, tables.py: chips, known models, the report)."""
+from sspo_jax.plan.shapes import Shapes, rollout_shapes  # noqa: F401
+from sspo_jax.plan.memory import Item, Model, memory_plan, phase_totals  # noqa: F401
 from sspo_jax.plan.costs import (  # noqa: F401
-    Shapes, rollout_shapes, Item, Model, memory_plan, phase_totals, Costs, forward_flops, cost_model, Times, step_times, Plan, analyse, render)
+    Costs, forward_flops, cost_model, Times, step_times, Plan, analyse, render)
 from sspo_jax.plan.mesh import (  # noqa: F401
     param_count, matmul_params, param_arrays, shard_divisor, per_device, SAMPLER_RULES, MeshPlan, resolve_mesh)
 from sspo_jax.plan.tables import (  # noqa: F401

@@ -1,5 +1,5 @@
 """`python -m sspo_jax.plan --config=configs/FILE.py[:preset] --slice=v5e-8 [--noitems]`: the
-memory plan and cost model of a training config on a TPU slice (sspo_jax/plan/costs.py)."""
+memory plan and cost model of a training config on a TPU slice (sspo_jax/plan: memory.py, costs.py)."""
 from __future__ import annotations
 
 from sspo_jax import cli  # noqa: I001  (first: it quiets transformers before its import)
