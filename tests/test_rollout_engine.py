@@ -116,9 +116,11 @@ def test_finished_rows_stream_out_once_each_with_their_final_tokens(models, batc
 
 
 def test_the_draining_pool_shrinks_to_the_rows_still_decoding():
-    """Once no row is queued the pool halves while the busiest group fits: slot-steps fall
-    towards the real tokens; the rows are the same."""
-    assert [continuous._shrunk_width(16, b) for b in (16, 9, 8, 5, 4, 1, 0)] == [16, 16, 8, 8, 4, 1, 1]
+    """Once no row is queued the pool narrows to the smallest of its few widths that holds the
+    busiest group: slot-steps fall towards the real tokens; the rows are the same."""
+    assert [continuous._shrunk_width(16, b) for b in (16, 13, 12, 9, 8, 5, 4, 3, 1, 0)] == \
+        [16, 16, 12, 12, 8, 6, 4, 3, 1, 1]
+    assert continuous._shrunk_width(20, 17) == 20 and continuous._shrunk_width(20, 16) == 16
 
 
 def test_one_compilation_per_shape_and_bad_engine_arguments(models, batch, eos):
