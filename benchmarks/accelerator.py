@@ -167,7 +167,8 @@ def update_rows(args) -> list[dict]:
                      "compile s": compile_s, "step s": sec, "tokens/s": b * t / sec,
                      "MFU": flops / sec / (args.peak_tflops * 1e12)})
         print(table(rows[-1:]), flush=True)
-        del state, params, opt_state
+        state.clear()  # free this attention path's weights and moments before the next
+        del params, opt_state
     return rows
 
 
