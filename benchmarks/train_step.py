@@ -233,8 +233,11 @@ def main():
                          "prompt bucket is 1024 for MATH prompts of ~50-350 tokens: 0.05,0.35")
     args = ap.parse_args()
     if args.workload == "skewed":
-        fill = tuple(float(x) for x in args.prompt_fill.split(","))
-        if len(fill) != 2 or not 0 < fill[0] <= fill[1] <= 1:
+        try:
+            fill = tuple(float(x) for x in args.prompt_fill.split(","))
+        except ValueError:
+            fill = ()
+        if len(fill) != 2 or not 0 < fill[0] <= fill[1] <= 1 or round(fill[1] * args.prompt_len) < 1:
             ap.error(f"--prompt-fill={args.prompt_fill}: need lo,hi with 0 < lo <= hi <= 1")
         rows = [skewed_size(s, args.reps, args.rows, args.prompt_len, args.response_len, args.micro_rows, fill)
                 for s in args.sizes.split(",")]

@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict({"name": "sspo"})
     for field, kind in LOSS_OVERRIDES.items():
         c.loss[field] = config_dict.placeholder(kind)
-    # Clip ranges by preset name, (eps_low, eps_high), used where eps_low / eps_high are unset:
+    # Clip ranges by preset name, (eps_low, eps_high), for the bounds eps_low / eps_high leave unset:
     # a config tuned for its own response lengths (the demo) widens them per objective, and
     # `sspo_jax.compare`, which swaps loss.name, then gives each objective its own range.
     c.loss.clip_by_preset = ml_collections.ConfigDict()
@@ -183,15 +183,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def loss_config(loss: ml_collections.ConfigDict) -> losses.LossConfig:
-    """The LossConfig of `loss.name`'s preset with every field the config sets overridden; the
-    clip range, where the config sets neither bound, from `loss.clip_by_preset[loss.name]`."""
+    """The LossConfig of `loss.name`'s preset with every field the config sets overridden; a
+    clip bound the config leaves unset from `loss.clip_by_preset[loss.name]` when it has one."""
     overrides = {k: loss[k] for k in LOSS_OVERRIDES if loss.get(k) is not None}
-    by_preset = loss.get("clip_by_preset") or {}
-    if loss.name in by_preset and not {"eps_low", "eps_high"} & overrides.keys():
-        eps = tuple(by_preset[loss.name])
-        if len(eps) != 2:
-            raise ValueError(f"loss.clip_by_preset.{loss.name}: need (eps_low, eps_high), got {eps}")
-        overrides["eps_low"], overrides["eps_high"] = float(eps[0]), float(eps[1])
+    eps = (loss.get("clip_by_preset") or {}).get(loss.name)
+    if eps is not None:
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"loss.clip_by_preset.{loss.name}: need (eps_low, eps_high), got {eps!r}")
+        for field, value in zip(("eps_low", "eps_high"), eps):
+            overrides.setdefault(field, float(value))
     return losses.preset(loss.name, **overrides)
 
 

@@ -17,7 +17,7 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["demo.py", "qwen2_5_math_1_5b.py", "qwen2_5_math_7b.py"])
+@pytest.mark.parametrize("name", ["demo.py", "demo_mechanisms.py", "qwen2_5_math_1_5b.py", "qwen2_5_math_7b.py"])
 @pytest.mark.parametrize("preset", sorted(losses.PRESETS))
 def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     c = _load(name).get_config(preset)
@@ -28,7 +28,7 @@ def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     specs.parse(c)
     cfg = run_config.loss_config(c.loss)
     # No silent per-config changes to the objective: only the demo's documented clip ranges.
-    eps = run_config.DEMO_CLIP.get(preset) if name == "demo.py" else None
+    eps = run_config.DEMO_CLIP.get(preset) if name.startswith("demo") else None
     expected = losses.preset(preset) if eps is None else losses.preset(preset, eps_low=eps[0], eps_high=eps[1])
     assert cfg == expected
 
@@ -43,12 +43,16 @@ def test_swapping_the_objective_swaps_its_clip_range():
         expected = losses.preset(preset) if eps is None else losses.preset(preset, eps_low=eps[0], eps_high=eps[1])
         assert run_config.loss_config(c.loss) == expected, preset
     assert run_config.loss_config(c.loss).eps_low == losses.preset("dapo").eps_low
-    # A bound set on the config (the command line) wins for every objective.
+    # A bound set on the config (the command line) wins for every objective; the other bound
+    # still comes from the objective's own range.
     c.loss.eps_high = 0.3
     c.loss.name = "gspo"
     cfg = run_config.loss_config(c.loss)
-    assert (cfg.eps_low, cfg.eps_high) == (losses.preset("gspo").eps_low, 0.3)
+    assert (cfg.eps_low, cfg.eps_high) == (run_config.DEMO_CLIP["gspo"][0], 0.3)
+    c.loss.name = "grpo"
+    assert run_config.loss_config(c.loss).eps_low == losses.preset("grpo").eps_low
     c.loss.eps_high = None
+    c.loss.name = "gspo"
     c.loss.clip_by_preset.gspo = (0.1,)
     with pytest.raises(ValueError, match="clip_by_preset.gspo"):
         run_config.loss_config(c.loss)

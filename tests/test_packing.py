@@ -131,6 +131,11 @@ def test_bucketed_rows_are_few_and_multiples(rows):
     assert len({packing.bucket_rows(r, 4) for r in range(4 * 16 + 1, 4 * 32 + 1)}) == 8  # per doubling
 
 
+def test_33_rows_of_4_row_micro_batches_bucket_to_36():
+    # Four sizes per doubling made these 40 rows (BENCHMARKS.md, "Padding-free update").
+    assert packing.bucket_rows(33, 4) == 36
+
+
 @pytest.mark.parametrize("kl", [False, True], ids=["no_kl", "kl"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_packed_loss_gradients_and_metrics_equal_the_padded(preset, kl):

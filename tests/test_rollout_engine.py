@@ -75,7 +75,7 @@ def test_greedy_rows_equal_transformers_generate_and_the_static_engine(models, b
     assert (lengths == N_NEW).any() and (lengths < N_NEW).sum() >= 2, lengths  # budget rows and early EOS
     assert len(set(lengths.tolist())) >= 3
     assert_same_rows(generate(m, batch, eos, "static"), out)
-    # Decode steps: with one slot per row the longest row's length (as static; the pool halves
+    # Decode steps: with one slot per row the longest row's length (as static; the pool narrows
     # as rows end, so fewer slot-steps); with 2 slots for 5 rows the rows queue.
     steps, slot_steps = int(out.decode_steps), int(out.slot_steps)
     assert lengths.sum() <= slot_steps <= N_NEW * len(LENGTHS)

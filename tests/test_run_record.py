@@ -97,6 +97,24 @@ def test_a_field_added_after_the_run_started_is_no_change_at_its_default(tmp_pat
         "rollout.engine": (None, "continuous"), "rollout.slots": (None, 4)}
 
 
+def test_the_objective_is_compared_as_resolved_not_as_spelled(tmp_path):
+    """A demo run recorded before loss.clip_by_preset existed (its clip range spelled as
+    eps_low / eps_high) resumes under today's config, which takes the same range from
+    clip_by_preset; another range is still a change of the objective, and refused."""
+    import json
+    config = tiny_config(**RUN)
+    assert config.loss.eps_low is None and config.loss.clip_by_preset.sspo == (0.05, 0.06)
+    record = json.loads(config.to_json_best_effort())
+    record["loss"]["eps_low"], record["loss"]["eps_high"] = 0.05, 0.06
+    del record["loss"]["clip_by_preset"]
+    (tmp_path / run_record.CONFIG_FILE).write_text(json.dumps(record))
+    assert run_record.config_changes(str(tmp_path), config) == {}
+    wider = tiny_config(**{**RUN, "loss.eps_high": 0.08})
+    assert run_record.config_changes(str(tmp_path), wider) == {"loss.eps_high": (0.06, 0.08)}
+    with pytest.raises(ValueError, match="loss.eps_high"):
+        run_record.check_resume(str(tmp_path), wider, allow_changes=True)
+
+
 def test_a_run_trained_with_another_tokenizer_is_refused(tmp_path):
     from sspo_jax.data.tokenizer import build_tokenizer
     tok = build_tokenizer()

@@ -37,15 +37,32 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _with_resolved_loss(record: dict) -> dict:
+    """The record with its `loss` block replaced by the LossConfig it resolves to, so that two
+    spellings of one objective (a preset's clip range set as eps_low/eps_high, or taken from
+    loss.clip_by_preset) compare equal."""
+    import dataclasses
+
+    import ml_collections
+
+    from sspo_jax.run_config import loss_config
+    try:
+        resolved = loss_config(ml_collections.ConfigDict(record.get("loss", {})))
+    except (ValueError, KeyError, TypeError):
+        return record  # a record this code cannot resolve: compared field by field
+    loss = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(resolved).items()}
+    return {**record, "loss": {"name": record["loss"].get("name"), **loss}}
+
+
 def config_changes(workdir: str, config) -> dict[str, tuple]:
     """{field: (recorded value, new value)} between the workdir's config.json and `config`
-    (empty when there is no record)."""
+    (empty when there is no record); the loss block is compared as the objective it resolves to."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        old = _flat(json.load(f))
-    new = _flat(json.loads(config.to_json_best_effort()))
+        old = _flat(_with_resolved_loss(json.load(f)))
+    new = _flat(_with_resolved_loss(json.loads(config.to_json_best_effort())))
     # A field the record lacks was added to the code after the run started; at its default it
     # keeps the behaviour the run had (new fields are added that way), so it is no change.
     from sspo_jax.run_config import base_config
