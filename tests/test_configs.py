@@ -17,7 +17,8 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["demo.py", "demo_mechanisms.py", "qwen2_5_math_1_5b.py", "qwen2_5_math_7b.py"])
+@pytest.mark.parametrize("name", ["demo.py", "demo_mechanisms.py", "qwen2_5_math_1_5b.py",
+                                  "qwen2_5_math_7b.py"])
 @pytest.mark.parametrize("preset", sorted(losses.PRESETS))
 def test_config_is_valid_for_every_preset(tmp_path, name, preset):
     c = _load(name).get_config(preset)

@@ -128,10 +128,10 @@ def test_bucketed_rows_are_few_and_multiples(rows):
     units = n // 4
     assert units in {*range(1, 17), *range(18, 33, 2), *range(36, 65, 4)}
     assert n <= 1.125 * (-(-rows // 4) * 4)  # at most 1/8 padding rows beyond the multiple
-    assert len({packing.bucket_rows(r, 4) for r in range(4 * 16 + 1, 4 * 32 + 1)}) == 8  # per doubling
 
 
-def test_33_rows_of_4_row_micro_batches_bucket_to_36():
+def test_eight_bucket_sizes_per_doubling():
+    assert len({packing.bucket_rows(r, 4) for r in range(4 * 16 + 1, 4 * 32 + 1)}) == 8
     # Four sizes per doubling made these 40 rows (BENCHMARKS.md, "Padding-free update").
     assert packing.bucket_rows(33, 4) == 36
 
