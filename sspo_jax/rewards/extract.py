@@ -275,11 +275,17 @@ def _strip_outer(s: str) -> tuple[str, str, str]:
     return "", s, ""
 
 
-def _balanced(s: str) -> bool:
+def _bracket_depths(s: str):
+    """(character, bracket depth after it) along `s`: `([{` open, `)]}` close."""
     depth = 0
     for ch in s:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
+        depth += (ch in "([{") - (ch in ")]}")
+        yield ch, depth
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for _, depth in _bracket_depths(s):
         if depth < 0:
             return False
     return depth == 0
@@ -292,13 +298,7 @@ def has_several_elements(answer: str) -> bool:
     if len(s) > _MAX_ELEMENTS_CHARS or "\\cup" in s or THOUSANDS_NUMBER.fullmatch(s):
         return False
     _, inside, _ = _strip_outer(s)
-    depth = 0
-    for ch in inside:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            return True
-    return False
+    return any(ch == "," and depth == 0 for ch, depth in _bracket_depths(inside))
 
 
 _MAX_ELEMENTS_CHARS = 2_000  # longer answers are compared exactly anyway (MAX_ANSWER_CHARS)
