@@ -147,6 +147,36 @@ def test_packed_loss_gradients_and_metrics_equal_the_padded(preset, kl):
     _assert_same(_packed(packed, loss_cfg, layout.sequences), _padded(pb, loss_cfg))
 
 
+@pytest.mark.parametrize("group_rows", [0, 1, 2, 4])
+def test_the_head_on_the_loss_tokens_only_gives_the_padded_result(group_rows):
+    """The LM head on each group's loss tokens (gathered, bucketed slots), or on every slot
+    (group_rows 0): the padded update's loss, gradients and metrics, KL term included."""
+    loss_cfg = losses.preset("sspo", kl_beta=0.05)
+    pb = _batch(loss_cfg, seed=5, kl=True)
+    layout = packing.plan_batch(pb, rows_multiple=4, head_group_rows=group_rows)
+    packed = packing.pack(pb, layout)
+    assert (packed.head_pos is None) == (group_rows == 0)
+    if group_rows:
+        pos = np.asarray(packed.head_pos).reshape(-1, group_rows * (P + R))
+        assert pos.max() < layout.head_slots <= group_rows * (P + R)
+        assert ((pos >= 0) == (np.asarray(packed.response_mask).reshape(pos.shape) > 0)).all()
+    _assert_same(_packed(packed, loss_cfg, layout.sequences), _padded(pb, loss_cfg))
+
+
+def test_rows_are_dealt_to_the_head_groups_evenly():
+    """Loss tokens 44, 38, 32, 26 in four rows, groups of two: {44, 26} and {38, 32}, so the
+    head needs 70 slots per group (bucketed to 16s: 80), not 82 (96)."""
+    lengths = np.array([46, 40, 34, 28])  # no two share a row of 48
+    layout = packing.plan(lengths, np.zeros(4, np.int64), padded_len=48, rows_multiple=4,
+                          loss_tokens=lengths - 2, group_rows=2)
+    loads = [sorted(np.unique(layout.row_of[r][layout.row_of[r] >= 0]).tolist()) for r in range(4)]
+    assert sorted([loads[0] + loads[1], loads[2] + loads[3]]) == [[0, 3], [1, 2]]
+    assert layout.head_slots == 80
+    with pytest.raises(ValueError, match="group size"):
+        packing.plan(lengths, np.zeros(4, np.int64), padded_len=48, rows_multiple=4,
+                     loss_tokens=lengths - 2, group_rows=3)
+
+
 def test_packing_order_and_row_length_do_not_change_the_result():
     loss_cfg = losses.preset("sspo")
     pb = _batch(loss_cfg, seed=1)
@@ -202,7 +232,8 @@ def test_packed_update_on_a_2x2x2_mesh_equals_one_device():
     graphdef, params = _model()
     opt = PU.make_optimizer(1e-3)
     settings = _settings(loss_cfg, 4)
-    layout = packing.plan_batch(pb, rows_multiple=4)
+    # Head groups of one row: a micro-batch of 4 rows over the mesh's 4 batch shards.
+    layout = packing.plan_batch(pb, rows_multiple=4, head_group_rows=1)
     one = PU.update_step(jax.tree.map(jnp.copy, params), PU.init_optimizer(opt, params),
                          packing.pack(pb, layout), graphdef=graphdef, optimizer=opt, settings=settings)
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)

@@ -73,3 +73,40 @@ def token_logprobs_and_entropy(hidden, lm_head, targets, temperature=1.0, chunk=
     _, (logp, entropy) = jax.lax.scan(step, None, (h, t))                    # [n, B, c]
     unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]  # noqa: E731
     return unchunk(logp), unchunk(entropy)
+
+
+def selected_logprobs_and_entropy(hidden, lm_head, tokens, head_pos, head_slots: int,
+                                  group_rows: int, temperature=1.0, chunk=DEFAULT_CHUNK,
+                                  flat_tokens=False):
+    """`(logp [N, L], entropy [N, L])` of `tokens[:, j]` given `hidden[:, j - 1]`, computed only
+    at the slots `head_pos` marks (0 elsewhere): the LM head on a packed batch's loss tokens.
+
+    hidden `[N, L, H]`; tokens, head_pos `[N, L]`: head_pos numbers the marked slots of each
+    group of `group_rows` consecutive rows 0, 1, ... (below `head_slots`; -1: not computed).
+    Each group's marked slots are gathered into `head_slots` predictor rows, so the head costs
+    N / group_rows x head_slots token rows instead of N x L. A marked slot is never a row's first
+    (a sequence starts with a prompt token)."""
+    n, length, h = hidden.shape
+    if n % group_rows:
+        raise ValueError(f"{n} rows do not split into the head's groups of {group_rows} rows")
+    groups, width = n // group_rows, group_rows * length
+    flat = lambda x: x.reshape(groups, width, *x.shape[2:])  # noqa: E731
+    pos = flat(head_pos)
+
+    def gather(pos, hidden, tokens):
+        # slot[k]: the flat slot of the group's k-th marked token (1 for unused places, so that
+        # its predictor is a real slot); -1 marks go past the end and are dropped. Per group
+        # (vmapped), so the gathers batch over groups and stay on each group's device.
+        slot = jnp.ones(head_slots, jnp.int32).at[jnp.where(pos >= 0, pos, head_slots)].set(
+            jnp.arange(width, dtype=jnp.int32), mode="drop")
+        return hidden[jnp.maximum(slot - 1, 0)], tokens[slot]
+
+    predictors, targets = jax.vmap(gather)(pos, flat(hidden), flat(tokens))    # [G, K, H], [G, K]
+    # Up to chunk x group_rows tokens of each group per step (the [N, c] rows of the head on
+    # every slot: the same peak logits), in equal steps that tile head_slots without padding.
+    steps = -(-head_slots // (chunk * group_rows))
+    logp, entropy = token_logprobs_and_entropy(predictors, lm_head, targets, temperature,
+                                               -(-head_slots // steps), flat_tokens)  # [G, K]
+    back = lambda x: jnp.where(pos >= 0, jax.vmap(lambda v, p: v[p])(x, jnp.maximum(pos, 0)),  # noqa: E731
+                               0.0).reshape(n, length)
+    return back(logp), back(entropy)

@@ -34,6 +34,8 @@ from sspo_jax.rl.train_batch import PolicyBatch
 # per doubling: the padding rows (at most 1/8) cost every step, an extra program compiles once
 # (and is kept by the compilation cache); with four, 33 rows of 4-row micro-batches became 40.
 BUCKET_STEPS = tuple(1.0 + k / 8 for k in range(8))
+# The LM head's slots per group are bucketed the same way, in units of this many slots.
+HEAD_SLOT_UNIT = 16
 
 
 @struct.dataclass
@@ -55,6 +57,13 @@ class PackedBatch:
     eps_low: jax.Array
     eps_high: jax.Array
     ref_logp: jax.Array | None = None
+    # The LM head on the loss tokens only: rows go in groups of `group_rows` (one batch shard's
+    # rows of a micro-batch, so the gather stays on its device); head_pos [N, L] is each loss
+    # token's place among its group's `head_slots` head slots (-1: not computed). None: the head
+    # runs on every slot.
+    head_pos: jax.Array | None = None
+    head_slots: int = struct.field(pytree_node=False, default=0)
+    group_rows: int = struct.field(pytree_node=False, default=0)
 
     @property
     def num_rows(self) -> int:
@@ -66,13 +75,16 @@ class PackPlan:
     """The layout: `source` [N, L] int32, each packed slot's flat index into the padded
     [B, P + R] slots (-1: padding); `row_of` [N, L] its padded row (-1); `segment_ids` [N, L]
     the sequence's number within its packed row (1.., 0 = padding); `resp` [N, L] response ids
-    (`row * L + the sequence's first slot`; padding: its own slot)."""
+    (`row * L + the sequence's first slot`; padding: its own slot); head_slots, group_rows: the
+    LM head's slots per group of rows (0, 0: the head runs on every slot)."""
     source: np.ndarray
     row_of: np.ndarray
     segment_ids: np.ndarray
     resp: np.ndarray
     real_tokens: int
     sequences: int
+    head_slots: int = 0
+    group_rows: int = 0
 
     @property
     def padding_fraction(self) -> float:
@@ -93,7 +105,8 @@ def bucket_rows(rows: int, multiple: int) -> int:
 
 
 def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: int | None = None,
-         rows_multiple: int = 1, order: np.ndarray | None = None) -> PackPlan:
+         rows_multiple: int = 1, order: np.ndarray | None = None,
+         loss_tokens: np.ndarray | None = None, group_rows: int = 0) -> PackPlan:
     """First-fit-decreasing packing of the padded rows' sequences into rows of `row_len` slots
     (default `padded_len`, the padded P + R: every sequence fits, and no packed row's attention
     costs more than a padded row's).
@@ -102,6 +115,11 @@ def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: i
     its first real token (its tokens are the columns starts .. starts + length); order: the rows
     in the order to try (default: longest first, ties by row). The number of packed rows is
     rounded up by `bucket_rows(., rows_multiple)`.
+
+    loss_tokens [B] (each row's loss tokens) and group_rows > 0 (dividing rows_multiple): the LM
+    head runs on the loss tokens only, `head_slots` of them per group of `group_rows` packed
+    rows; the rows are dealt to the groups so that their loss tokens are even (the most loaded
+    group sets head_slots for all).
     """
     lengths, starts = np.asarray(lengths, np.int64), np.asarray(starts, np.int64)
     row_len = padded_len if row_len is None else row_len
@@ -128,6 +146,15 @@ def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: i
     # Bucketed, but never past the padded rows (rounded to the multiple): packing must not cost more.
     n = min(bucket_rows(len(placed), rows_multiple), -(-len(lengths) // rows_multiple) * rows_multiple)
     n = max(n, rows_multiple)
+    head_slots = 0
+    if group_rows:
+        if loss_tokens is None or rows_multiple % group_rows:
+            raise ValueError(f"the head's groups need every row's loss tokens and a group size "
+                             f"dividing rows_multiple={rows_multiple}, got {group_rows}")
+        loss_tokens = np.asarray(loss_tokens, np.int64)
+        placed, head_slots = _balance(placed + [[]] * (n - len(placed)),
+                                      [int(loss_tokens[seqs].sum()) for seqs in placed], group_rows)
+        head_slots = min(bucket_rows(head_slots, HEAD_SLOT_UNIT), group_rows * row_len)
     source = np.full((n, row_len), -1, np.int32)
     row_of = np.full((n, row_len), -1, np.int32)
     segment_ids = np.zeros((n, row_len), np.int32)
@@ -142,13 +169,30 @@ def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: i
             segment_ids[r, span] = k + 1
             resp[r, span] = r * row_len + at
             at += int(lengths[i])
-    return PackPlan(source, row_of, segment_ids, resp, int(lengths[lengths > 0].sum()), sum(map(len, placed)))
+    return PackPlan(source, row_of, segment_ids, resp, int(lengths[lengths > 0].sum()),
+                    sum(map(len, placed)), head_slots, group_rows if group_rows else 0)
+
+
+def _balance(rows: list[list[int]], loads: list[int], group_rows: int) -> tuple[list[list[int]], int]:
+    """The rows reordered into consecutive groups of `group_rows` with even loads (the most
+    loaded row first into the least loaded group with room), and the largest group load.
+    `loads` covers the leading rows; the rest (padding rows) weigh nothing."""
+    loads = loads + [0] * (len(rows) - len(loads))
+    groups = [[] for _ in range(len(rows) // group_rows)]
+    sums = [0] * len(groups)
+    for r in sorted(range(len(rows)), key=lambda r: -loads[r]):
+        g = min((k for k in range(len(groups)) if len(groups[k]) < group_rows), key=lambda k: sums[k])
+        groups[g].append(r)
+        sums[g] += loads[r]
+    return [rows[r] for group in groups for r in group], max(sums)
 
 
 def plan_batch(batch: PolicyBatch, *, rows_multiple: int = 1, row_len: int | None = None,
-               order: np.ndarray | None = None) -> PackPlan:
+               order: np.ndarray | None = None, head_group_rows: int | None = None) -> PackPlan:
     """`plan` for a PolicyBatch: its sequences are the attended slots of each row; a row with
-    no loss token (an empty response, a group DAPO filtered out) is left out."""
+    no loss token (an empty response, a group DAPO filtered out) is left out. The LM head runs
+    on the loss tokens, in groups of `head_group_rows` rows (default rows_multiple, a
+    micro-batch; under a mesh, pass a batch shard's rows of it; 0: the head on every slot)."""
     width = batch.tokens.shape[1]
     prompt_len = width - batch.response_mask.shape[1]
     # One host transfer: real tokens, loss tokens and real prompt tokens of every row.
@@ -156,8 +200,9 @@ def plan_batch(batch: PolicyBatch, *, rows_multiple: int = 1, row_len: int | Non
         jnp.sum(batch.attention_mask, axis=1), jnp.sum(batch.response_mask, axis=1),
         jnp.sum(batch.attention_mask[:, :prompt_len], axis=1)]))
     lengths = np.where(used > 0, real, 0)
+    group_rows = rows_multiple if head_group_rows is None else head_group_rows
     return plan(lengths, prompt_len - prompt_real, padded_len=width, row_len=row_len,
-                rows_multiple=rows_multiple, order=order)
+                rows_multiple=rows_multiple, order=order, loss_tokens=used, group_rows=group_rows)
 
 
 def pack(batch: PolicyBatch, layout: PackPlan, mesh=None) -> PackedBatch:
@@ -169,11 +214,11 @@ def pack(batch: PolicyBatch, layout: PackPlan, mesh=None) -> PackedBatch:
         placed = {k: jnp.asarray(v) for k, v in arrays.items()}
     else:
         placed = {k: put_batch(v, named_sharding(mesh, ("batch", None), v.shape)) for k, v in arrays.items()}
-    return _gather(batch, **placed)
+    return _gather(batch, **placed, head_slots=layout.head_slots, group_rows=layout.group_rows)
 
 
-@jax.jit
-def _gather(batch: PolicyBatch, source, row_of, segment_ids, resp) -> PackedBatch:
+@functools.partial(jax.jit, static_argnames=("head_slots", "group_rows"))
+def _gather(batch: PolicyBatch, source, row_of, segment_ids, resp, head_slots, group_rows) -> PackedBatch:
     n, width = source.shape
     prompt_len = batch.tokens.shape[1] - batch.response_mask.shape[1]
     valid = source >= 0
@@ -195,12 +240,18 @@ def _gather(batch: PolicyBatch, source, row_of, segment_ids, resp) -> PackedBatc
                               (g[:, 1:] != g[:, :-1]) | (segment_ids[:, 1:] != segment_ids[:, :-1])], axis=1)
     first = jax.lax.cummax(jnp.where(starts, slot, 0), axis=1)
     base = jnp.arange(n, dtype=jnp.int32)[:, None] * width
+    response_mask = take(batch.response_mask)
+    head_pos = None
+    if group_rows:  # each loss token's place in its group of rows, in slot order
+        used = (response_mask > 0).reshape(n // group_rows, group_rows * width)
+        head_pos = jnp.where(used, jnp.cumsum(used, axis=1, dtype=jnp.int32) - 1, -1).reshape(n, width)
     return PackedBatch(
         tokens=take(batch.tokens), segment_ids=segment_ids,
-        response_mask=take(batch.response_mask), old_logp=take(batch.old_logp),
+        response_mask=response_mask, old_logp=take(batch.old_logp),
         adv=jnp.where(valid, batch.adv[row], 0.0), seg=base + first, resp=resp,
         eps_low=take(batch.eps_low), eps_high=take(batch.eps_high),
-        ref_logp=None if batch.ref_logp is None else take(batch.ref_logp))
+        ref_logp=None if batch.ref_logp is None else take(batch.ref_logp),
+        head_pos=head_pos, head_slots=head_slots, group_rows=group_rows)
 
 
 def unpack(values: jax.Array, layout: PackPlan, shape: tuple[int, int], mesh=None) -> jax.Array:

@@ -95,14 +95,20 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
                                                temperature, chunk, flat_tokens=model.backend.cpu_forms)
 
 
-def packed_logprobs(model, tokens, segment_ids, temperature: float, chunk: int):
-    """log pi and entropy `[N, L]` of every slot's token of packed rows (`PackedBatch.tokens`,
-    `.segment_ids`) given the slots before it in its sequence (0 at slot 0, which no slot
-    predicts; a sequence's first slot is a prompt token)."""
-    hidden = model.hidden_states(tokens, segment_ids=segment_ids)  # [N, L, H]
+def packed_logprobs(model, batch: PackedBatch, temperature: float, chunk: int):
+    """log pi and entropy `[N, L]` of each slot's token of packed rows given the slots before it
+    in its sequence: at the loss tokens only when the batch says so (`batch.head_pos`), else at
+    every slot (0 at slot 0, which no slot predicts; a sequence's first slot is a prompt
+    token)."""
+    hidden = model.hidden_states(batch.tokens, segment_ids=batch.segment_ids)  # [N, L, H]
+    cpu = model.backend.cpu_forms
+    if batch.head_pos is not None:
+        return logprobs.selected_logprobs_and_entropy(
+            hidden, model.lm_head_weight(), batch.tokens, batch.head_pos, batch.head_slots,
+            batch.group_rows, temperature, chunk, flat_tokens=cpu)
     logp, entropy = logprobs.token_logprobs_and_entropy(
-        hidden[:, :-1], model.lm_head_weight(), tokens[:, 1:], temperature, chunk,
-        flat_tokens=model.backend.cpu_forms)
+        hidden[:, :-1], model.lm_head_weight(), batch.tokens[:, 1:], temperature, chunk,
+        flat_tokens=cpu)
     first = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
     return first(logp), first(entropy)
 
@@ -126,11 +132,13 @@ def _batch_logprobs(params, batch: PolicyBatch, *, graphdef, settings: UpdateSet
     mbs = settings.micro_batch_size if rows % settings.micro_batch_size == 0 else rows
     split = lambda x: constrain(x.reshape(rows // mbs, mbs, *x.shape[1:]), (None, "batch", None))  # noqa: E731
     if isinstance(batch, PackedBatch):  # [N, L]: every slot's log-prob
-        def one(micro):
-            tokens, segment_ids = micro
-            return packed_logprobs(model, tokens, segment_ids, settings.temperature,
-                                   settings.logprob_chunk)[0]
-        logp = jax.lax.map(one, (split(batch.tokens), split(batch.segment_ids)))
+        if mbs % max(batch.group_rows, 1):
+            mbs = rows
+        fields = dataclasses.replace(batch, old_logp=None, adv=None, seg=None, resp=None,
+                                     eps_low=None, eps_high=None, ref_logp=None)
+        logp = jax.lax.map(lambda micro: packed_logprobs(model, micro, settings.temperature,
+                                                         settings.logprob_chunk)[0],
+                           jax.tree.map(split, fields))
     else:
         prompt_len = batch.tokens.shape[1] - response_len
 
@@ -159,8 +167,7 @@ def _micro_loss(params, graphdef, batch: PolicyBatch, num_tokens, num_seqs,
 def _packed_micro_loss(params, graphdef, batch: PackedBatch, num_tokens, num_seqs,
                        settings: UpdateSettings):
     model = nnx.merge(graphdef, params)
-    logp, entropy = packed_logprobs(model, batch.tokens, batch.segment_ids, settings.temperature,
-                                    settings.logprob_chunk)
+    logp, entropy = packed_logprobs(model, batch, settings.temperature, settings.logprob_chunk)
     return losses.policy_loss(settings.loss, logp, batch.old_logp, batch.adv, batch.response_mask,
                               batch.seg, batch.eps_low, batch.eps_high, num_tokens,
                               num_seqs=num_seqs, ref_logp=batch.ref_logp,
@@ -192,9 +199,12 @@ def _update_step(params, opt_state, batch: PolicyBatch, *, graphdef, optimizer,
     rows, mbs = batch.num_rows, settings.micro_batch_size
     if rows % mbs:
         raise ValueError(f"mini-batch of {rows} rows is not divisible into micro-batches of {mbs}")
+    packed = isinstance(batch, PackedBatch)
+    if packed and batch.group_rows and mbs % batch.group_rows:
+        raise ValueError(f"micro-batches of {mbs} rows do not hold whole head groups of "
+                         f"{batch.group_rows} rows")
     mask = batch.response_mask.astype(jnp.float32)
     num_tokens = jnp.sum(mask)
-    packed = isinstance(batch, PackedBatch)
     if packed:  # responses: the response ids holding a loss token
         ids = losses.rebase_segments(batch.resp).reshape(-1)
         num_seqs = jnp.sum(jax.ops.segment_max(mask.reshape(-1), ids, num_segments=ids.size) > 0)
