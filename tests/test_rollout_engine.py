@@ -81,6 +81,10 @@ def test_greedy_rows_equal_transformers_generate_and_the_static_engine(models, b
     assert lengths.sum() <= slot_steps <= N_NEW * len(LENGTHS)
     if slots == 0:
         assert steps == lengths.max() and slot_steps <= steps * len(LENGTHS)
+        # Each step runs at the smallest width holding the rows still decoding (a chunk ends
+        # when the pool could narrow): the step after a row's last token, not a chunk later.
+        active = [(lengths > t).sum() for t in range(steps)]
+        assert slot_steps == sum(continuous._shrunk_width(len(LENGTHS), a) for a in active)
     else:
         assert slot_steps <= steps * 2 and steps >= lengths.sum() / 2
 

@@ -16,7 +16,9 @@ g*B/G.., rows g*R/G.. and slots g*S/G.., and admits only its own rows. All bookk
 the prompt copy, sampling, writing the outputs) runs per group in `shard_map`, local to the
 devices of its shard; only the model's forward is a global program. The host drives the loop in
 chunks of `chunk_steps` decode steps (one small read per chunk: is anything left, which rows
-finished), which is when finished rows can stream out to the grader.
+finished), which is when finished rows can stream out to the grader. Once no row is queued the
+pool narrows as it drains (SHRINK_SIZES); a chunk ends early when it could, so the drain runs at
+the width of the rows still decoding from the step they fit a narrower pool.
 """
 from __future__ import annotations
 
@@ -218,8 +220,21 @@ def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, param
 
     rows_per_group = pool.tokens.shape[0] // groups
 
+    width = pool.slot_row.shape[0] // groups
+    narrower = max((w for w in SHRINK_SIZES if w < width), default=0)
+
     def more(pool):
         return jnp.any(pool.slot_row >= 0) | jnp.any(pool.next_row < rows_per_group)
+
+    def queued_and_busiest(pool):
+        return (jnp.any(pool.next_row < rows_per_group),
+                (pool.slot_row >= 0).reshape(groups, -1).sum(1).max())
+
+    def can_shrink(pool):
+        # The chunk ends as soon as the pool could run narrower (nothing queued, every group's
+        # rows fit the next smaller width), so the host shrinks it then, not a chunk later.
+        queued, busiest = queued_and_busiest(pool)
+        return ~queued & (busiest <= narrower)
 
     def step(carry):
         pool, i = carry
@@ -230,13 +245,12 @@ def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, param
                             slot_steps=pool.slot_steps + active.shape[0])
         return pool, i + 1
 
-    pool, _ = jax.lax.while_loop(lambda c: (c[1] < chunk_steps) & more(c[0]), step, (pool, 0))
+    pool, _ = jax.lax.while_loop(lambda c: (c[1] < chunk_steps) & more(c[0]) & ~can_shrink(c[0]),
+                                 step, (pool, 0))
     view = (jnp.copy(pool.finished), jnp.copy(pool.tokens), jnp.copy(pool.mask)) if stream else None
     # What the host needs to shrink the pool: is any row still queued, and the most occupied
     # slots of any group.
-    queued = jnp.any(pool.next_row < rows_per_group)
-    busiest = (pool.slot_row >= 0).reshape(groups, -1).sum(1).max()
-    return pool, more(pool), (queued, busiest), view
+    return pool, more(pool), queued_and_busiest(pool), view
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -292,7 +306,8 @@ def run(model, cfg, ids, mask, rng, *, slots: int, chunk_steps: int, mesh=None,
         while True:
             # The next chunk is dispatched before this one's results are read: the device never
             # waits for the host (after the last chunk, one more finds nothing to do). Shrinking
-            # acts on the previous chunk's counts, which can only have fallen since.
+            # acts on the previous chunk's counts, which can only have fallen since (a chunk
+            # that ended to let the pool shrink is followed by one that runs no step).
             pool, more, ahead_state, ahead = chunk(pool)
             if stream:
                 seen = _stream(view, seen, on_finished)
