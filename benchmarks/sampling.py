@@ -24,7 +24,7 @@ length is drawn from a lognormal with median max_new_tokens / 6 (sigma 1), the t
 the budget (rows that never emit an EOS), and forced by the benchmark's model, a Qwen2 whose
 decoder puts the EOS first once the row has written its drawn length minus one tokens (rows
 have distinct prompt lengths; the length is looked up by it). Greedy, one sample per prompt. The
-static engine, the continuous engine at two slot counts (a quarter and a half of the rows) and
+static engine, the continuous engine at three slot counts (a quarter, a half and all of the rows) and
 tunix's vanilla sampler (benchmarks/tunix_sampler.py in its own virtualenv, `--tunix-python`;
 a static sampler with a row at the budget runs every row for max_new_tokens steps, so it is timed
 generating that with no EOS) on the same weights and prompt lengths, in one run; throughput counts
@@ -208,8 +208,10 @@ def run_skewed(size, args, jdtype, tdtype):
         ids = np.where(mask == 1, ids, 0)
         tunix = _tunix(tmp, args, rows, prompt_lens, new) if args.tunix_python else None
     key = jax.random.key(0)
+    # A quarter, a half (the Qwen configs' 128 slots for 256 rows per shard) and one slot per row
+    # (rollout.slots=0, the default).
     engines = {"static": {}, **{f"continuous, {s} slots": dict(engine="continuous", slots=s, chunk_steps=args.chunk_steps)
-                                for s in (rows // 4, rows // 2)}}
+                                for s in (rows // 4, rows // 2, rows)}}
     results = {}
     for name, kw in engines.items():
         def call(kw=kw):

@@ -161,6 +161,12 @@ def test_the_head_on_the_loss_tokens_only_gives_the_padded_result(group_rows):
         assert pos.max() < layout.head_slots <= group_rows * (P + R)
         assert ((pos >= 0) == (np.asarray(packed.response_mask).reshape(pos.shape) > 0)).all()
     _assert_same(_packed(packed, loss_cfg, layout.sequences), _padded(pb, loss_cfg))
+    if group_rows == 4:  # a micro-batch must hold whole groups
+        graphdef, params = _model()
+        opt = PU.make_optimizer(1e-3)
+        with pytest.raises(ValueError, match="whole head groups of 4 rows"):
+            PU.update_step(params, PU.init_optimizer(opt, params), packed, graphdef=graphdef,
+                           optimizer=opt, settings=_settings(loss_cfg, 2))
 
 
 def test_rows_are_dealt_to_the_head_groups_evenly():
