@@ -148,9 +148,12 @@ def test_packed_loss_gradients_and_metrics_equal_the_padded(preset, kl):
 
 
 @pytest.mark.parametrize("group_rows", [0, 1, 2, 4])
-def test_the_head_on_the_loss_tokens_only_gives_the_padded_result(group_rows):
+def test_the_head_on_the_loss_tokens_only_gives_the_padded_result(group_rows, monkeypatch):
     """The LM head on each group's loss tokens (gathered, bucketed slots), or on every slot
-    (group_rows 0): the padded update's loss, gradients and metrics, KL term included."""
+    (group_rows 0): the padded update's loss, gradients and metrics, KL term included. Head
+    slots in units of 1, so the fullest group has next to no spare slot: a host count below
+    the device's would drop loss tokens."""
+    monkeypatch.setattr(packing, "HEAD_SLOT_UNIT", 1)
     loss_cfg = losses.preset("sspo", kl_beta=0.05)
     pb = _batch(loss_cfg, seed=5, kl=True)
     layout = packing.plan_batch(pb, rows_multiple=4, head_group_rows=group_rows)
@@ -158,8 +161,10 @@ def test_the_head_on_the_loss_tokens_only_gives_the_padded_result(group_rows):
     assert (packed.head_pos is None) == (group_rows == 0)
     if group_rows:
         pos = np.asarray(packed.head_pos).reshape(-1, group_rows * (P + R))
-        assert pos.max() < layout.head_slots <= group_rows * (P + R)
         assert ((pos >= 0) == (np.asarray(packed.response_mask).reshape(pos.shape) > 0)).all()
+        fullest = int((pos >= 0).sum(1).max())  # the device's count
+        assert layout.head_slots == min(packing.bucket_rows(fullest, 1, packing.HEAD_BUCKET_STEPS),
+                                        group_rows * (P + R))
     _assert_same(_packed(packed, loss_cfg, layout.sequences), _padded(pb, loss_cfg))
     if group_rows == 4:  # a micro-batch must hold whole groups
         graphdef, params = _model()
@@ -169,9 +174,16 @@ def test_the_head_on_the_loss_tokens_only_gives_the_padded_result(group_rows):
                            optimizer=opt, settings=_settings(loss_cfg, 2))
 
 
+def test_a_response_without_a_prompt_is_refused():
+    loss_cfg = losses.preset("grpo")
+    pb = _batch(loss_cfg, prompts=[3, 0, 5, 1, 6, 4, 2, 6])
+    with pytest.raises(ValueError, match=r"rows \[1\] have a response but no prompt token"):
+        packing.plan_batch(pb)
+
+
 def test_rows_are_dealt_to_the_head_groups_evenly():
     """Loss tokens 44, 38, 32, 26 in four rows, groups of two: {44, 26} and {38, 32}, so the
-    head needs 70 slots per group (bucketed to 16s: 80), not 82 (96)."""
+    head needs 70 slots per group (in 16s at four sizes per doubling: 80), not 82 (96)."""
     lengths = np.array([46, 40, 34, 28])  # no two share a row of 48
     layout = packing.plan(lengths, np.zeros(4, np.int64), padded_len=48, rows_multiple=4,
                           loss_tokens=lengths - 2, group_rows=2)

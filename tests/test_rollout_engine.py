@@ -127,6 +127,15 @@ def test_the_draining_pool_shrinks_to_the_rows_still_decoding():
     assert continuous._shrunk_width(20, 17) == 20 and continuous._shrunk_width(20, 16) == 16
 
 
+def test_a_host_that_does_not_shrink_the_pool_is_an_error_not_a_hang(models, batch, eos, monkeypatch):
+    """The decode chunks end as soon as the pool could narrow; a host that then kept its width
+    would run empty chunks for ever: the engine raises instead."""
+    _, m = models
+    monkeypatch.setattr(continuous, "_shrunk_width", lambda width, busiest: width)
+    with pytest.raises(RuntimeError, match="ran no step"):
+        generate(m, batch, eos, "continuous", slots=0, chunk_steps=3)
+
+
 def test_one_compilation_per_shape_and_bad_engine_arguments(models, batch, eos):
     _, m = models
     generate(m, batch, eos, "continuous", slots=2, chunk_steps=3)

@@ -191,11 +191,13 @@ def _group_specs(mesh, pool: Pool, groups: int):
     return pool_spec, prompt_spec, row
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
-def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, params, pool: Pool,
-               prompts: Prompts, row_base: jax.Array, rng):
-    """Up to `chunk_steps` decode steps; returns (pool, anything left, with `stream` copies of
-    (finished, tokens, mask) the host can read while the pool goes on to the next chunk)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
+def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, narrower: int, params,
+               pool: Pool, prompts: Prompts, row_base: jax.Array, rng):
+    """Up to `chunk_steps` decode steps, fewer once nothing is queued and every group's rows
+    fit `narrower` slots (the host's `_narrower`: a static argument, so the program and the
+    host agree); returns (pool, anything left, (queued, busiest, steps run), with `stream`
+    copies of (finished, tokens, mask) the host can read while the pool goes on)."""
     global _compiles
     _compiles += 1
     log.info("sampling: compiling the continuous engine for %d slots, prompts %s, %s",
@@ -220,9 +222,6 @@ def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, param
 
     rows_per_group = pool.tokens.shape[0] // groups
 
-    width = pool.slot_row.shape[0] // groups
-    narrower = max((w for w in SHRINK_SIZES if w < width), default=0)
-
     def more(pool):
         return jnp.any(pool.slot_row >= 0) | jnp.any(pool.next_row < rows_per_group)
 
@@ -245,12 +244,12 @@ def _run_chunk(graphdef, cfg, chunk_steps: int, groups: int, stream: bool, param
                             slot_steps=pool.slot_steps + active.shape[0])
         return pool, i + 1
 
-    pool, _ = jax.lax.while_loop(lambda c: (c[1] < chunk_steps) & more(c[0]) & ~can_shrink(c[0]),
-                                 step, (pool, 0))
+    pool, ran = jax.lax.while_loop(lambda c: (c[1] < chunk_steps) & more(c[0]) & ~can_shrink(c[0]),
+                                   step, (pool, 0))
     view = (jnp.copy(pool.finished), jnp.copy(pool.tokens), jnp.copy(pool.mask)) if stream else None
-    # What the host needs to shrink the pool: is any row still queued, and the most occupied
-    # slots of any group.
-    return pool, more(pool), queued_and_busiest(pool), view
+    # What the host needs to shrink the pool: is any row still queued, the most occupied slots
+    # of any group, and the steps this chunk ran.
+    return pool, more(pool), (*queued_and_busiest(pool), ran), view
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -298,16 +297,18 @@ def run(model, cfg, ids, mask, rng, *, slots: int, chunk_steps: int, mesh=None,
             width = pool.slot_row.shape[0] // groups
             if width not in row_bases:
                 row_bases[width] = _row_base(groups, width, rows // groups)
-            return _run_chunk(graphdef, cfg, chunk_steps, groups, stream, params, pool, prompts,
-                              row_bases[width], rng)
+            return _run_chunk(graphdef, cfg, chunk_steps, groups, stream, _narrower(width), params,
+                              pool, prompts, row_bases[width], rng)
 
         pool, left, state, view = chunk(pool)
+        ran_at = pool.slot_row.shape[0] // groups  # the width the chunk of `state` ran at
         seen = np.zeros(rows, bool)
         while True:
             # The next chunk is dispatched before this one's results are read: the device never
             # waits for the host (after the last chunk, one more finds nothing to do). Shrinking
             # acts on the previous chunk's counts, which can only have fallen since (a chunk
             # that ended to let the pool shrink is followed by one that runs no step).
+            ahead_at = pool.slot_row.shape[0] // groups
             pool, more, ahead_state, ahead = chunk(pool)
             if stream:
                 seen = _stream(view, seen, on_finished)
@@ -315,12 +316,17 @@ def run(model, cfg, ids, mask, rng, *, slots: int, chunk_steps: int, mesh=None,
             if not bool(left):
                 break
             left = more
-            queued, busiest = (int(x) for x in state)
-            state = ahead_state
+            queued, busiest, ran = (int(x) for x in state)
             width = pool.slot_row.shape[0] // groups
             keep = _shrunk_width(width, busiest) if not queued else width
             if keep < width:
                 pool = _shrink(groups, keep, pool)
+            elif ran == 0 and ran_at == width:
+                # A chunk ends at once only when its pool can narrow (or it follows one that
+                # did, at the width before): anything else would loop here for ever.
+                raise RuntimeError(f"continuous engine: a decode chunk ran no step at {width} slots "
+                                   f"per group ({busiest} busy, queued: {bool(queued)})")
+            state, ran_at = ahead_state, ahead_at
     if on_finished is not None:
         _stream(view, seen, on_finished)
     return pool
@@ -342,6 +348,12 @@ def _init_pool_jit(graphdef, cfg, groups: int, slots: int, params, prompts: Prom
 # The widths a draining pool takes: 1, 2, 3, 4, 6, 8, 12, ... (two per doubling), so it runs at
 # most 1.5x wider than the rows still decoding, and compiles a few programs, each once.
 SHRINK_SIZES = sorted({1, *(m << k for m in (2, 3) for k in range(30))})
+
+
+def _narrower(width: int) -> int:
+    """The next smaller width a pool of `width` slots per group can shrink to (0: none). A decode
+    chunk ends once the busiest group fits it: then `_shrunk_width` is below `width`."""
+    return max((w for w in SHRINK_SIZES if w < width), default=0)
 
 
 def _shrunk_width(width: int, busiest: int) -> int:

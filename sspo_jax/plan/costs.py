@@ -72,7 +72,8 @@ def cost_model(config, cfg: Qwen2Config, mesh: MeshPlan) -> Costs:
         real = s.prompt_len + resp
         trained = int(s.rows * real)
         packed_rows = s.rows * real / s.seq
-        # The LM head runs on the loss tokens only (packing.plan's head groups): `resp` per row.
+        # The LM head runs on the loss tokens only (packing.plan's head groups): `resp` per row,
+        # a lower bound (the groups' head slots are bucketed and set by the most loaded group).
         fwd = forward_flops(cfg, s.rows, real, real, resp)
         layers_fwd = fwd - forward_flops(cfg, s.rows, 0, 0, resp)
         attn_row = forward_flops(cfg, packed_rows, s.seq, s.seq, 0) - forward_flops(cfg, packed_rows, s.seq, 0, 0)

@@ -103,10 +103,13 @@ def selected_logprobs_and_entropy(hidden, lm_head, tokens, head_pos, head_slots:
 
     predictors, targets = jax.vmap(gather)(pos, flat(hidden), flat(tokens))    # [G, K, H], [G, K]
     # Up to chunk x group_rows tokens of each group per step (the [N, c] rows of the head on
-    # every slot: the same peak logits), in equal steps that tile head_slots without padding.
+    # every slot: the same peak logits), in equal steps that tile head_slots (padding: under
+    # one row per step).
     steps = -(-head_slots // (chunk * group_rows))
     logp, entropy = token_logprobs_and_entropy(predictors, lm_head, targets, temperature,
                                                -(-head_slots // steps), flat_tokens)  # [G, K]
-    back = lambda x: jnp.where(pos >= 0, jax.vmap(lambda v, p: v[p])(x, jnp.maximum(pos, 0)),  # noqa: E731
-                               0.0).reshape(n, length)
+    # A place past head_slots (a count the host got wrong) reads NaN, which the update's finite
+    # check refuses, rather than another token's value.
+    read = jax.vmap(lambda v, p: v.at[p].get(mode="fill", fill_value=jnp.nan))
+    back = lambda x: jnp.where(pos >= 0, read(x, jnp.maximum(pos, 0)), 0.0).reshape(n, length)  # noqa: E731
     return back(logp), back(entropy)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,11 @@ from sspo_jax.rl.train_batch import PolicyBatch
 # per doubling: the padding rows (at most 1/8) cost every step, an extra program compiles once
 # (and is kept by the compilation cache); with four, 33 rows of 4-row micro-batches became 40.
 BUCKET_STEPS = tuple(1.0 + k / 8 for k in range(8))
-# The LM head's slots per group are bucketed the same way, in units of this many slots.
+# The LM head's slots per group: in units of HEAD_SLOT_UNIT, at four sizes per doubling (at most
+# 25% more head rows, on the head alone). Coarser than the rows: a program is keyed by both
+# counts, and the head count drifts with the response lengths during a run.
 HEAD_SLOT_UNIT = 16
+HEAD_BUCKET_STEPS = (1.0, 1.25, 1.5, 1.75)
 
 
 @struct.dataclass
@@ -91,14 +95,14 @@ class PackPlan:
         return 1.0 - self.real_tokens / self.source.size
 
 
-def bucket_rows(rows: int, multiple: int) -> int:
+def bucket_rows(rows: int, multiple: int, steps: tuple[float, ...] = BUCKET_STEPS) -> int:
     """`rows` rounded up to a multiple of `multiple` whose count of multiples is one of
-    BUCKET_STEPS x a power of two that is whole (1, 2, ..., 16, 18, 20, ..., 32, 36, 40, ...):
-    at most 8 programs per doubling, at most 12.5% padding rows."""
+    `steps` x a power of two that is whole (BUCKET_STEPS: 1, 2, ..., 16, 18, 20, ..., 32, 36,
+    40, ...: at most 8 programs per doubling, at most 12.5% padding rows)."""
     units = max(1, -(-rows // multiple))
     power = 1
     while True:
-        for step in BUCKET_STEPS:
+        for step in steps:
             if step * power >= units and float(step * power).is_integer():
                 return int(step * power) * multiple
         power *= 2
@@ -154,7 +158,7 @@ def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: i
         loss_tokens = np.asarray(loss_tokens, np.int64)
         placed, head_slots = _balance(placed + [[]] * (n - len(placed)),
                                       [int(loss_tokens[seqs].sum()) for seqs in placed], group_rows)
-        head_slots = min(bucket_rows(head_slots, HEAD_SLOT_UNIT), group_rows * row_len)
+        head_slots = min(bucket_rows(head_slots, HEAD_SLOT_UNIT, HEAD_BUCKET_STEPS), group_rows * row_len)
     source = np.full((n, row_len), -1, np.int32)
     row_of = np.full((n, row_len), -1, np.int32)
     segment_ids = np.zeros((n, row_len), np.int32)
@@ -179,12 +183,14 @@ def _balance(rows: list[list[int]], loads: list[int], group_rows: int) -> tuple[
     `loads` covers the leading rows; the rest (padding rows) weigh nothing."""
     loads = loads + [0] * (len(rows) - len(loads))
     groups = [[] for _ in range(len(rows) // group_rows)]
-    sums = [0] * len(groups)
+    room = [(0, g) for g in range(len(groups))]  # (load, group) of the groups with room: a heap
     for r in sorted(range(len(rows)), key=lambda r: -loads[r]):
-        g = min((k for k in range(len(groups)) if len(groups[k]) < group_rows), key=lambda k: sums[k])
+        load, g = heapq.heappop(room)
         groups[g].append(r)
-        sums[g] += loads[r]
-    return [rows[r] for group in groups for r in group], max(sums)
+        if len(groups[g]) < group_rows:
+            heapq.heappush(room, (load + loads[r], g))
+    return ([rows[r] for group in groups for r in group],
+            max(sum(loads[r] for r in group) for group in groups))
 
 
 def plan_batch(batch: PolicyBatch, *, rows_multiple: int = 1, row_len: int | None = None,
@@ -196,9 +202,14 @@ def plan_batch(batch: PolicyBatch, *, rows_multiple: int = 1, row_len: int | Non
     width = batch.tokens.shape[1]
     prompt_len = width - batch.response_mask.shape[1]
     # One host transfer: real tokens, loss tokens and real prompt tokens of every row.
+    # (Loss tokens counted as the device marks them for the head: response_mask > 0.)
     real, used, prompt_real = to_numpy(jnp.stack([
-        jnp.sum(batch.attention_mask, axis=1), jnp.sum(batch.response_mask, axis=1),
+        jnp.sum(batch.attention_mask, axis=1), jnp.sum(batch.response_mask > 0, axis=1),
         jnp.sum(batch.attention_mask[:, :prompt_len], axis=1)]))
+    if ((used > 0) & (prompt_real == 0)).any():
+        # Its first response token would have no predictor within its sequence.
+        raise ValueError(f"rows {np.flatnonzero((used > 0) & (prompt_real == 0)).tolist()} have a "
+                         "response but no prompt token")
     lengths = np.where(used > 0, real, 0)
     group_rows = rows_multiple if head_group_rows is None else head_group_rows
     return plan(lengths, prompt_len - prompt_real, padded_len=width, row_len=row_len,

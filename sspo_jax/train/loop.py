@@ -312,7 +312,7 @@ def _packed(batch, settings, spec, mesh):
     # Never more rows per micro-batch than the batch has (both are multiples of the shards).
     micro_rows = min(micro_rows, batch.num_rows)
     # The LM head's groups: one batch shard's rows of a micro-batch (the gather stays local).
-    layout = packing.plan_batch(batch, rows_multiple=micro_rows, head_group_rows=micro_rows // shards)
+    layout = packing.plan_batch(batch, rows_multiple=micro_rows, head_group_rows=max(1, micro_rows // shards))
     packed_settings = dataclasses.replace(settings, micro_batch_size=micro_rows,
                                           response_len=batch.response_mask.shape[1])
     return packing.pack(batch, layout, mesh), packed_settings, layout
