@@ -199,7 +199,7 @@ def skewed_size(name, reps, rows, prompt_len, response_len, micro_rows, prompt_f
             "slot ratio": rows * width / layout.source.size,
             # LM head token rows: padded R per row; packed, head on every slot; on loss tokens
             "head rows (padded, every, loss)": f"{rows * response_len}, {layout.source.size}, "
-                                               f"{layout.source.shape[0] // micro_rows * layout.head_slots}",
+                                               f"{layout.source.shape[0] // layout.group_rows * layout.head_slots}",
             "padded ms": med["padded"] * 1e3, "packed ms, head on every slot": med["every"] * 1e3,
             "packed ms": med["packed"] * 1e3,
             "padded us/real tok": med["padded"] / real * 1e6, "packed us/real tok": med["packed"] / real * 1e6,

@@ -174,7 +174,7 @@ def plan(lengths: np.ndarray, starts: np.ndarray, *, padded_len: int, row_len: i
             resp[r, span] = r * row_len + at
             at += int(lengths[i])
     return PackPlan(source, row_of, segment_ids, resp, int(lengths[lengths > 0].sum()),
-                    sum(map(len, placed)), head_slots, group_rows if group_rows else 0)
+                    sum(map(len, placed)), head_slots, group_rows)
 
 
 def _balance(rows: list[list[int]], loads: list[int], group_rows: int) -> tuple[list[list[int]], int]:
